@@ -1,0 +1,1 @@
+"""Framework adapters (Lightning, Hugging Face Trainer). Never imported by the package root."""
