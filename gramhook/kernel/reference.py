@@ -1,0 +1,251 @@
+"""Reference kernels with torch.func: work for any ``nn.Module``; the ground truth in tests.
+
+Conventions (THEORY §1):
+
+- ``k`` is the number of outputs per sample: outputs of shape ``(batch, *out)`` are flattened to
+  ``(batch, k)`` with ``k = prod(out)``.
+- Only parameters with ``requires_grad=True`` enter the kernels; buffers are passed unchanged.
+- The model runs in eval mode during every kernel computation (BatchNorm uses its running
+  statistics, dropout is off), so each sample's Jacobian depends on that sample alone. The
+  model's train/eval flags are restored afterwards, module by module.
+- ``preconditioner`` maps parameter names to the diagonal of the optimizer metric P (same shape
+  as the parameter); ``None`` means P = I. Then
+  ``Θ[(i,a),(j,b)] = Σ_p ∂f_ia/∂w_p · P_p · ∂f_jb/∂w_p``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from ..losses import Loss, per_sample_losses, resolve_loss
+
+Preconditioner = Optional[Mapping[str, Tensor]]
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "eval_mode",
+    "trainable_parameters",
+    "per_sample_jacobians",
+    "flat_jacobian",
+    "empirical_ntk",
+    "gradient_gram",
+    "per_sample_gradients",
+    "output_size",
+    "sketched_jacobian",
+    "gaussian_sketch_matrix",
+]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of extra memory a kernel call may allocate
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each module's own flag on exit."""
+    flags = [(mod, mod.training) for mod in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for mod, flag in flags:
+            mod.training = flag
+
+
+def trainable_parameters(model: nn.Module, names: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+    """Detached trainable parameters, by name (``requires_grad=True`` only, or the given names)."""
+    params = dict(model.named_parameters())
+    if names is None:
+        names = [n for n, p in params.items() if p.requires_grad]
+    if not names:
+        raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
+    return {n: params[n].detach() for n in names}
+
+
+def _frozen_state(model: nn.Module, trainable: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    state = {n: b.detach() for n, b in model.named_buffers()}
+    state.update({n: p.detach() for n, p in model.named_parameters() if n not in trainable})
+    return state
+
+
+def _single_output_fn(model: nn.Module, frozen: Mapping[str, Tensor]):
+    def f(params: Dict[str, Tensor], x: Tensor) -> Tensor:
+        out = functional_call(model, {**frozen, **params}, (x.unsqueeze(0),))
+        return out.reshape(-1)
+
+    return f
+
+
+def output_size(model: nn.Module, x: Tensor) -> int:
+    """k: the number of outputs per sample of ``model`` on inputs ``x`` ``(batch, ...)``."""
+    with torch.no_grad(), eval_mode(model):
+        return int(model(x[:1]).reshape(1, -1).shape[1])
+
+
+def _chunk_size(rows_per_sample: int, numel: int, itemsize: int, budget: int) -> int:
+    return max(1, int(budget // max(1, 3 * rows_per_sample * numel * itemsize)))
+
+
+def per_sample_jacobians(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    names: Optional[Sequence[str]] = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Dict[str, Tensor]:
+    """Per-sample Jacobians ∂f(x_i)/∂w.
+
+    Returns:
+        parameter name → tensor of shape ``(m, k, *param.shape)``.
+    """
+    params = trainable_parameters(model, names)
+    numel = sum(p.numel() for p in params.values())
+    with eval_mode(model):
+        f = _single_output_fn(model, _frozen_state(model, params))
+        k = output_size(model, x)
+        chunk = _chunk_size(k, numel, x.element_size() if x.is_floating_point() else 4, memory_budget)
+        jac = vmap(jacrev(f), in_dims=(None, 0), randomness="same")
+        parts = [jac(params, x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
+    return {n: torch.cat([p[n] for p in parts]) for n in params}
+
+
+def flat_jacobian(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    preconditioner: Preconditioner = None,
+    power: float = 0.0,
+    names: Optional[Sequence[str]] = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Per-sample Jacobians flattened over parameters, columns scaled by ``P**power``.
+
+    Returns:
+        ``(m, k, P)``, parameters in ``named_parameters()`` order.
+    """
+    jac = per_sample_jacobians(model, x, names=names, memory_budget=memory_budget)
+    m, k = x.shape[0], next(iter(jac.values())).shape[1]
+    cols = []
+    for n, j in jac.items():
+        j = j.reshape(m, k, -1)
+        if preconditioner is not None and power != 0.0:
+            j = j * preconditioner[n].reshape(1, 1, -1).to(j.dtype) ** power
+        cols.append(j)
+    return torch.cat(cols, dim=2)
+
+
+def empirical_ntk(
+    model: nn.Module,
+    x1: Tensor,
+    x2: Optional[Tensor] = None,
+    *,
+    preconditioner: Preconditioner = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Empirical NTK in the optimizer metric, by explicit Jacobian contraction.
+
+    Args:
+        model: any module; evaluated in eval mode, flags restored.
+        x1: ``(m1, ...)``; x2: ``(m2, ...)`` or ``None`` for ``x1``.
+        preconditioner: parameter name → diagonal of P, or ``None`` for P = I.
+
+    Returns:
+        ``Θ`` of shape ``(m1, k, m2, k)``, ``Θ[i, a, j, b] = ∂f_a(x1_i)/∂w · P · ∂f_b(x2_j)/∂w``.
+    """
+    j1 = per_sample_jacobians(model, x1, memory_budget=memory_budget)
+    j2 = j1 if x2 is None else per_sample_jacobians(model, x2, memory_budget=memory_budget)
+    out = None
+    for n in j1:
+        a = j1[n].flatten(2)
+        b = j2[n].flatten(2)
+        if preconditioner is not None:
+            a = a * preconditioner[n].reshape(1, 1, -1).to(a.dtype)
+        term = torch.einsum("iap,jbp->iajb", a, b)
+        out = term if out is None else out + term
+    return out
+
+
+def per_sample_gradients(
+    model: nn.Module, loss, x: Tensor, y: Tensor, *, memory_budget: int = DEFAULT_MEMORY_BUDGET
+) -> Dict[str, Tensor]:
+    """∇_w ℓ(w; z_i) for each sample. Returns name → ``(m, *param.shape)``."""
+    loss = resolve_loss(loss)
+    params = trainable_parameters(model)
+    numel = sum(p.numel() for p in params.values())
+    with eval_mode(model):
+        f = _single_output_fn(model, _frozen_state(model, params))
+        with torch.no_grad():
+            per_sample_losses(loss, f(params, x[0]).unsqueeze(0), y[:1])
+
+        def one(p, xi, yi):
+            return loss(f(p, xi).unsqueeze(0), yi.unsqueeze(0))[0]
+
+        chunk = _chunk_size(1, numel, x.element_size() if x.is_floating_point() else 4, memory_budget)
+        g = vmap(grad(one), in_dims=(None, 0, 0), randomness="same")
+        parts = [g(params, x[s : s + chunk], y[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
+    return {n: torch.cat([p[n] for p in parts]) for n in params}
+
+
+def gradient_gram(
+    model: nn.Module,
+    loss,
+    x: Tensor,
+    y: Tensor,
+    *,
+    preconditioner: Preconditioner = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Per-sample loss-gradient Gram ``G[i, j] = ⟨∇ℓ_i, P ∇ℓ_j⟩``, shape ``(m, m)``."""
+    grads = per_sample_gradients(model, loss, x, y, memory_budget=memory_budget)
+    out = None
+    for n, g in grads.items():
+        g = g.flatten(1)
+        gp = g if preconditioner is None else g * preconditioner[n].reshape(1, -1).to(g.dtype)
+        term = gp @ g.T
+        out = term if out is None else out + term
+    return out
+
+
+def gaussian_sketch_matrix(name: str, numel: int, s: int, seed: int, dtype, device) -> Tensor:
+    """The reference sketch block for one parameter: ``(numel, s)`` with N(0, 1/s) entries.
+
+    Seeded from ``seed`` and the parameter name, so every call returns the same block.
+    """
+    h = seed
+    for ch in name:
+        h = (h * 131 + ord(ch)) % (2**61 - 1)
+    gen = torch.Generator(device="cpu").manual_seed(h)
+    return (torch.randn(numel, s, generator=gen, dtype=torch.float64) / math.sqrt(s)).to(dtype=dtype, device=device)
+
+
+def sketched_jacobian(
+    model: nn.Module,
+    x: Tensor,
+    s: int,
+    *,
+    seed: int = 0,
+    preconditioner: Preconditioner = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), reference path.
+
+    ``S`` is a Gaussian Johnson–Lindenstrauss matrix, one ``(numel, s)`` block per parameter
+    (:func:`gaussian_sketch_matrix`), so ``⟨ĵ_i a, ĵ_j b⟩ ≈ Θ[i, a, j, b]`` with relative error
+    ≈ 1/sqrt(s). This path materializes each block; it is the ground truth for fast sketches.
+
+    Returns:
+        ``(m, k, s)``.
+    """
+    jac = per_sample_jacobians(model, x, memory_budget=memory_budget)
+    out = None
+    for n, j in jac.items():
+        j = j.flatten(2)
+        if preconditioner is not None:
+            j = j * preconditioner[n].reshape(1, 1, -1).to(j.dtype).sqrt()
+        block = gaussian_sketch_matrix(n, j.shape[2], s, seed, j.dtype, j.device)
+        term = j @ block
+        out = term if out is None else out + term
+    return out
