@@ -118,7 +118,10 @@ class TensorBoardSink:
                 self.writer.add_histogram(PREFIX + name, v.numpy(), step)
 
     def write_text(self, step: int, tag: str, text: str) -> None:
-        """Writes a text summary under ``gramhook/<tag>`` (e.g. a failure report)."""
+        """Writes a text summary under ``gramhook/<tag>`` (e.g. a failure report).
+
+        ``SummaryWriter.add_text`` stores it as ``gramhook/<tag>/text_summary``.
+        """
         self.writer.add_text(PREFIX + tag, text, step)
 
     def flush(self) -> None:

@@ -1,0 +1,155 @@
+"""Glue between a live model and the pure engines: compute :class:`Rates` at the current weights.
+
+This is the only place that turns a module, an optimizer metric, a probe and a reference batch
+into the tensors the engines of :mod:`gramhook.dynamics` consume.
+
+Coordinates:
+- ``"exact"``: ``δ`` in parameter coordinates (dimension P, the trainable parameters); the
+  probe Jacobian is the plain ``J_i`` and the metric is P's diagonal.
+- an integer ``s``: sketched coordinates ``x = Sᵀ P^{-1/2} δ``; the Jacobians are
+  ``ĵ_iᵀ = J_i P^{1/2} S`` and the metric is the identity. When P changes over time (Adam) the
+  sketched engine treats P as constant over each interval.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import kernel
+from .dynamics.engine import KernelRates, Rates
+from .losses import Loss, output_hessian, per_sample_losses, residual_and_hessian
+from .optim import StepMetric
+
+Coordinates = Union[str, int]
+
+__all__ = ["probe_outputs", "engine_jacobian", "compute_rates", "compute_kernel_rates", "flat_metric"]
+
+
+def probe_outputs(model: nn.Module, x: Tensor) -> Tensor:
+    """Outputs ``(m, k)`` in eval mode, no grad, the model's mode restored."""
+    with torch.no_grad(), kernel.eval_mode(model):
+        out = model(x)
+    return out.reshape(out.shape[0], -1)
+
+
+def flat_metric(model: nn.Module, pre: Optional[Mapping[str, Tensor]], names=None) -> Optional[Tensor]:
+    """P's diagonal flattened over trainable parameters ``(P,)``, or ``None`` for the identity."""
+    if pre is None:
+        return None
+    params = kernel.trainable_parameters(model, names)
+    return torch.cat([pre[n].reshape(-1) for n in params])
+
+
+def _flat_decay(model: nn.Module, metric: StepMetric, names=None):
+    if metric.decay is None:
+        return None
+    params = kernel.trainable_parameters(model, names)
+    parts = []
+    for n, p in params.items():
+        rate = metric.decay.get(n, 0.0)
+        parts.append(torch.as_tensor(rate, dtype=p.dtype, device=p.device).expand(p.shape).reshape(-1))
+    return torch.cat(parts)
+
+
+def engine_jacobian(
+    model: nn.Module,
+    x: Tensor,
+    coordinates: Coordinates,
+    metric: StepMetric,
+    *,
+    seed: int = 0,
+    method: str = "auto",
+    memory_budget: int = kernel.DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """Per-sample Jacobians in engine coordinates, ``(m, k, D)``."""
+    if coordinates == "exact":
+        return kernel.flat_jacobian(model, x, memory_budget=memory_budget)
+    return kernel.sketched_jacobian(
+        model, x, int(coordinates), seed=seed, preconditioner=metric.preconditioner, method=method
+    )
+
+
+def compute_rates(
+    model: nn.Module,
+    loss: Loss,
+    probe_x: Tensor,
+    probe_y: Tensor,
+    metric: StepMetric,
+    *,
+    coordinates: Coordinates = "exact",
+    ref_x: Optional[Tensor] = None,
+    ref_y: Optional[Tensor] = None,
+    ref_weight: float = 1.0,
+    holdout: Optional[tuple] = None,
+    seed: int = 0,
+    method: str = "auto",
+) -> Rates:
+    """Everything engine (a) needs at the current weights.
+
+    Args:
+        probe_x, probe_y: the probe ``(m, ...)``.
+        metric: the optimizer's dt, P and decay now.
+        coordinates: ``"exact"`` or a sketch dimension.
+        ref_x: a reference batch of training inputs ``(B, ...)``; ``ref_y`` only for losses
+            whose Hessian needs targets.
+        ref_weight: the share of the training set the reference batch stands for.
+        holdout: ``(x, y)`` for replace-one with a holdout stand-in.
+    """
+    out = probe_outputs(model, probe_x)
+    per_sample_losses(loss, out, probe_y)
+    r, lam = residual_and_hessian(loss, out, probe_y)
+    jac = engine_jacobian(model, probe_x, coordinates, metric, seed=seed, method=method)
+    exact = coordinates == "exact"
+    rates = Rates(
+        outputs=out,
+        targets=probe_y,
+        residual=r,
+        hessian=lam,
+        probe_jac=jac,
+        ref_weight=ref_weight,
+        metric=flat_metric(model, metric.preconditioner) if exact else None,
+        decay=_flat_decay(model, metric) if exact else _mean_decay(model, metric),
+    )
+    if ref_x is not None and ref_x.shape[0] > 0:
+        ref_out = probe_outputs(model, ref_x)
+        rates.ref_hessian = output_hessian(loss, ref_out, ref_y)
+        rates.ref_jac = engine_jacobian(model, ref_x, coordinates, metric, seed=seed, method=method)
+    if holdout is not None:
+        hx, hy = holdout
+        h_out = probe_outputs(model, hx)
+        h_r, _ = residual_and_hessian(loss, h_out, hy)
+        h_jac = engine_jacobian(model, hx, coordinates, metric, seed=seed, method=method)
+        rates.standin_grad = torch.einsum("hkd,hk->d", h_jac, h_r.to(h_jac.dtype)) / hx.shape[0]
+    return rates
+
+
+def _mean_decay(model: nn.Module, metric: StepMetric) -> Optional[float]:
+    """Sketched coordinates carry one decay rate: the parameter-count-weighted mean."""
+    flat = _flat_decay(model, metric)
+    return None if flat is None else float(flat.mean())
+
+
+def compute_kernel_rates(
+    model: nn.Module,
+    loss: Loss,
+    probe_x: Tensor,
+    probe_y: Tensor,
+    metric: StepMetric,
+    *,
+    holdout: Optional[tuple] = None,
+    method: str = "auto",
+) -> KernelRates:
+    """Everything engine (b) needs: the probe NTK in the optimizer metric and r, Λ."""
+    out = probe_outputs(model, probe_x)
+    per_sample_losses(loss, out, probe_y)
+    r, lam = residual_and_hessian(loss, out, probe_y)
+    theta = kernel.empirical_ntk(model, probe_x, preconditioner=metric.preconditioner, method=method)
+    rates = KernelRates(out, probe_y, r, lam, theta, decay=_mean_decay(model, metric))
+    if holdout is not None:
+        hx, hy = holdout
+        h_r, _ = residual_and_hessian(loss, probe_outputs(model, hx), hy)
+        cross = kernel.empirical_ntk(model, probe_x, hx, preconditioner=metric.preconditioner, method=method)
+        rates.standin_cross = torch.einsum("iahb,hb->ia", cross, h_r.to(cross.dtype)) / hx.shape[0]
+    return rates
