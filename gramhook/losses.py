@@ -126,8 +126,13 @@ def residual_and_hessian(loss: Loss, out: Tensor, y: Tensor) -> tuple[Tensor, Te
     return r, lam
 
 
-def output_hessian(loss: Loss, out: Tensor, y: Optional[Tensor] = None) -> Tensor:
-    """Λ ``(m, k, k)`` at outputs ``out`` ``(m, k)``; targets are only needed when the loss says so."""
+def output_hessian(loss: Loss, out: Tensor, y: Optional[Tensor] = None, *, target_like: Optional[Tensor] = None) -> Tensor:
+    """Λ ``(m, k, k)`` at outputs ``out`` ``(m, k)``; targets are only needed when the loss says so.
+
+    For a loss whose Hessian does not depend on the target, ``y`` may be ``None``: built-in losses
+    use a placeholder target, a callable uses ``target_like`` (one valid target, e.g. a probe
+    label) for every sample.
+    """
     out = out.detach()
     if y is None:
         if loss.hessian_needs_target:
@@ -138,6 +143,10 @@ def output_hessian(loss: Loss, out: Tensor, y: Optional[Tensor] = None) -> Tenso
             )
         if loss.name == "cross_entropy":
             y = torch.zeros(out.shape[0], dtype=torch.long, device=out.device)
-        else:
+        elif loss.name == "mse":
             y = torch.zeros_like(out)
+        elif target_like is not None:
+            y = target_like.unsqueeze(0).expand(out.shape[0], *target_like.shape)
+        else:
+            raise ValueError(f"output_hessian needs `target_like` for the callable loss {loss.name!r}.")
     return vmap(hessian(_single(loss)))(out, y)

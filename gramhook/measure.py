@@ -65,7 +65,7 @@ def engine_jacobian(
 ) -> Tensor:
     """Per-sample Jacobians in engine coordinates, ``(m, k, D)``."""
     if coordinates == "exact":
-        return kernel.flat_jacobian(model, x, memory_budget=memory_budget)
+        return kernel.flat_jacobian(model, x, names=metric.names, memory_budget=memory_budget)
     return kernel.sketched_jacobian(
         model, x, int(coordinates), seed=seed, preconditioner=metric.preconditioner, method=method
     )
@@ -109,12 +109,12 @@ def compute_rates(
         hessian=lam,
         probe_jac=jac,
         ref_weight=ref_weight,
-        metric=flat_metric(model, metric.preconditioner) if exact else None,
-        decay=_flat_decay(model, metric) if exact else _mean_decay(model, metric),
+        metric=flat_metric(model, metric.preconditioner, metric.names) if exact else None,
+        decay=_flat_decay(model, metric, metric.names) if exact else _mean_decay(model, metric),
     )
     if ref_x is not None and ref_x.shape[0] > 0:
         ref_out = probe_outputs(model, ref_x)
-        rates.ref_hessian = output_hessian(loss, ref_out, ref_y)
+        rates.ref_hessian = output_hessian(loss, ref_out, ref_y, target_like=probe_y[0])
         rates.ref_jac = engine_jacobian(model, ref_x, coordinates, metric, seed=seed, method=method)
     if holdout is not None:
         hx, hy = holdout
@@ -127,7 +127,7 @@ def compute_rates(
 
 def _mean_decay(model: nn.Module, metric: StepMetric) -> Optional[float]:
     """Sketched coordinates carry one decay rate: the parameter-count-weighted mean."""
-    flat = _flat_decay(model, metric)
+    flat = _flat_decay(model, metric, metric.names)
     return None if flat is None else float(flat.mean())
 
 

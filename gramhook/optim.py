@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepMetric", "read_optimizer", "check_optimizer", "SUPPORTED_OPTIMIZERS"]
+__all__ = ["StepMetric", "read_optimizer", "check_optimizer", "step_dt", "SUPPORTED_OPTIMIZERS"]
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 
@@ -127,3 +127,8 @@ def read_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> StepMe
         decay=decay or None,
         names=tuple(names),
     )
+
+
+def step_dt(optimizer: torch.optim.Optimizer) -> float:
+    """dt of the step just taken, from the first parameter group (cheap: no state is read)."""
+    return _group_step(type(optimizer).__name__, optimizer.param_groups[0])
