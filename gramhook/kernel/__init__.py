@@ -1,9 +1,10 @@
 """Empirical NTK and gradient Grams (THEORY §1).
 
 ``method="reference"`` contracts explicit torch.func Jacobians and works for any module; it is the
-ground truth. ``"fast"`` and ``"auto"`` use per-layer handlers where they exist (see
-``gramhook.kernel.assemble``); until a handler covers a parameter, that parameter takes the
-reference path.
+ground truth. ``"auto"`` uses the per-layer handlers of :mod:`gramhook.kernel.layers` (assembled by
+:mod:`gramhook.kernel.assemble`) and sends each parameter without a handler through the reference
+path, parameter by parameter. ``"fast"`` is the same but raises if any trainable parameter lacks a
+handler, naming them.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from .reference import (
     output_size,
     per_sample_gradients,
     per_sample_jacobians,
-    sketched_jacobian,
     trainable_parameters,
 )
+from . import assemble as _fast
 from . import reference as _reference
 
 METHODS = ("auto", "reference", "fast")
@@ -44,12 +45,65 @@ def _check_method(method: str) -> None:
 
 
 def empirical_ntk(model, x1, x2=None, *, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
-    """Empirical NTK ``(m1, k, m2, k)`` in the optimizer metric; see :mod:`gramhook.kernel.reference`."""
+    """Empirical NTK in the optimizer metric.
+
+    Args:
+        model: any module; evaluated in eval mode, flags restored.
+        x1: ``(m1, ...)``; x2: ``(m2, ...)`` or ``None`` for ``x1``.
+        preconditioner: parameter name → diagonal of P (shaped like the parameter), ``None``: P = I.
+        method: ``"auto"``, ``"fast"`` or ``"reference"`` (module docstring).
+        memory_budget: bytes of extra memory the call may use; work is chunked over samples.
+
+    Returns:
+        ``Θ`` of shape ``(m1, k, m2, k)``, ``Θ[i, a, j, b] = ∂f_a(x1_i)/∂w · P · ∂f_b(x2_j)/∂w``.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> empirical_ntk(net, torch.randn(5, 3)).shape
+    torch.Size([5, 2, 5, 2])
+    """
     _check_method(method)
-    return _reference.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget)
+    if method == "reference":
+        return _reference.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget)
+    return _fast.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget,
+                               strict=method == "fast")
 
 
 def gradient_gram(model, loss, x, y, *, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
-    """Per-sample loss-gradient Gram ``(m, m)``, ``G[i, j] = ⟨∇ℓ_i, P ∇ℓ_j⟩``."""
+    """Per-sample loss-gradient Gram ``(m, m)``, ``G[i, j] = ⟨∇ℓ_i, P ∇ℓ_j⟩ = r_iᵀ Θ_ij r_j``.
+
+    Args:
+        loss: ``"mse"``, ``"cross_entropy"``, a per-sample callable or a :class:`gramhook.losses.Loss`.
+        x: ``(m, ...)`` inputs; y: ``(m, ...)`` targets. Other arguments as :func:`empirical_ntk`.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(3, 4)
+    >>> gradient_gram(net, "cross_entropy", torch.randn(6, 3), torch.arange(6) % 4).shape
+    torch.Size([6, 6])
+    """
     _check_method(method)
-    return _reference.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget)
+    if method == "reference":
+        return _reference.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget)
+    return _fast.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget,
+                               strict=method == "fast")
+
+
+def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
+    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), shape ``(m, k, s)``.
+
+    ``⟨ĵ_i[a], ĵ_j[b]⟩`` estimates ``Θ[i, a, j, b]`` without bias, relative error ≈ ``1/sqrt(s)``;
+    a fixed ``seed`` gives the same ``S`` on every call. The fast paths (``"auto"``, ``"fast"``)
+    use a per-parameter count-sketch that is never materialized; ``"reference"`` uses dense Gaussian
+    blocks (:func:`gaussian_sketch_matrix`). The two are different sketches of the same Jacobian.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(3, 2)
+    >>> sketched_jacobian(net, torch.randn(4, 3), 16).shape
+    torch.Size([4, 2, 16])
+    """
+    _check_method(method)
+    if method == "reference":
+        return _reference.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
+                                            memory_budget=memory_budget)
+    return _fast.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
+                                   memory_budget=memory_budget, strict=method == "fast")

@@ -1,0 +1,246 @@
+"""Speed and memory of the kernel paths; prints a markdown table.
+
+For each model (probe of ``m`` samples, ``k`` outputs):
+
+- ``fast/ref``: ``empirical_ntk(method="auto")`` time over ``method="reference"`` time;
+- ``fast/limit``: fast NTK time over the physical limit, one forward plus ``k`` backward passes
+  (parameter gradients) over the probe, timed in the same process;
+- ``gram/limit``: fast ``gradient_gram`` (cross-entropy) over the same limit;
+- ``sketch/limit``: fast ``sketched_jacobian`` (``s`` columns) of one reference batch of ``m``
+  samples over the same limit;
+- peak extra memory of each path: the peak resident set size above the level just before the
+  call, sampled every millisecond from ``/proc/self/statm`` by a thread, after ``malloc_trim``
+  hands freed heap back to the OS (CPU). On CUDA it is ``torch.cuda.max_memory_allocated`` above
+  the level before the call.
+
+Usage::
+
+    python benchmarks/kernels.py            # m=256, k=10 (smaller m for ResNet and transformer)
+    python benchmarks/kernels.py --quick    # small m, a few seconds per model
+    python benchmarks/kernels.py --models cnn mlp --m 128 --skip-reference
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import threading
+import time
+import warnings
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+
+from gramhook.kernel import empirical_ntk, gradient_gram, sketched_jacobian
+
+try:
+    from gramhook.data import mlp as _data_mlp, small_cnn as _data_small_cnn
+except ImportError:  # pragma: no cover
+    _data_mlp = _data_small_cnn = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.down is None else self.down(x)
+        return self.relu(out)
+
+
+def resnet18(width: int = 16, k: int = 10) -> nn.Module:
+    """ResNet-18 layout for 32x32 inputs (3x3 stem, 4 stages of 2 BasicBlocks), base ``width``."""
+    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    cin = width
+    for i, w in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
+        cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, k)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab: int = 1000, d: int = 64, layers: int = 4, k: int = 10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        block = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(dim=1))
+
+
+def small_cnn(k: int) -> nn.Module:
+    if _data_small_cnn is not None:
+        return _data_small_cnn(1, k)
+    return nn.Sequential(nn.Conv2d(1, 16, 5, 2), nn.ReLU(), nn.Conv2d(16, 32, 5, 2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(512, k))
+
+
+def build(name: str, m: int, k: int, args) -> Tuple[nn.Module, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        net = _data_mlp(784, 256, k) if _data_mlp else nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, k))
+        return net, torch.randn(m, 1, 28, 28, generator=g)
+    if name == "cnn":
+        return small_cnn(k), torch.randn(m, 1, 28, 28, generator=g)
+    if name == "resnet18":
+        return resnet18(args.width, k), torch.randn(m, 3, 32, 32, generator=g)
+    if name == "transformer":
+        return Encoder(k=k), torch.randint(0, 1000, (m, args.seq), generator=g)
+    raise ValueError(f"unknown model {name!r}; choose from mlp, cnn, resnet18, transformer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn: Callable[[], object], repeat: int = 1) -> Tuple[float, int]:
+    """(best wall time in s, peak extra memory in bytes) of ``fn()``."""
+    best = float("inf")
+    peak_extra = 0
+    for _ in range(repeat):
+        _trim()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_cuda = torch.cuda.memory_allocated()
+        base = _rss()
+        peak = [base]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss())
+                time.sleep(0.001)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        peak[0] = max(peak[0], _rss())
+        extra = peak[0] - base
+        if torch.cuda.is_available():
+            extra = torch.cuda.max_memory_allocated() - base_cuda
+        del out
+        best = min(best, dt)
+        peak_extra = max(peak_extra, extra)
+    return best, peak_extra
+
+
+def physical_limit(net: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+    """One forward and ``k`` backward passes (parameter gradients) over ``x``."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    out = net(x).reshape(x.shape[0], -1)
+    grads = None
+    for a in range(k):
+        grads = torch.autograd.grad(out[:, a].sum(), params, retain_graph=a < k - 1)
+    return grads[0]
+
+
+def run(name: str, m: int, args) -> Dict[str, object]:
+    torch.manual_seed(0)
+    net, x = build(name, m, args.k, args)
+    net.eval()
+    y = torch.randint(0, args.k, (m,))
+    nparams = sum(p.numel() for p in net.parameters())
+    # warm up every path once (thread pools, allocator)
+    empirical_ntk(net, x[:2])
+    physical_limit(net, x[:2], args.k)
+    r = {"model": name, "m": m, "k": args.k, "params": nparams}
+    r["limit_s"], r["limit_mem"] = measure(lambda: physical_limit(net, x, args.k), args.repeat)
+    r["fast_s"], r["fast_mem"] = measure(lambda: empirical_ntk(net, x, method="auto"), args.repeat)
+    r["gram_s"], _ = measure(lambda: gradient_gram(net, "cross_entropy", x, y, method="auto"), args.repeat)
+    r["sketch_s"], r["sketch_mem"] = measure(lambda: sketched_jacobian(net, x, args.s, method="auto"), args.repeat)
+    if args.skip_reference:
+        r["ref_s"], r["ref_mem"] = float("nan"), 0
+    else:
+        r["ref_s"], r["ref_mem"] = measure(lambda: empirical_ntk(net, x, method="reference"), 1)
+    return r
+
+
+def _mb(b: int) -> str:
+    return f"{b / 2**20:.0f}"
+
+
+def table(rows) -> str:
+    head = ("| model | m | k | params | limit (s) | fast NTK (s) | ref NTK (s) | fast/ref | fast/limit "
+            "| grad-Gram/limit | sketch/limit | mem limit (MB) | mem fast (MB) | mem sketch (MB) | mem ref (MB) |")
+    sep = "|" + "---|" * (head.count("|") - 1)
+    lines = [head, sep]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['m']} | {r['k']} | {r['params']:,} | {r['limit_s']:.3f} | {r['fast_s']:.3f} "
+            f"| {r['ref_s']:.3f} | {r['fast_s'] / r['ref_s']:.3f} | {r['fast_s'] / r['limit_s']:.2f} "
+            f"| {r['gram_s'] / r['limit_s']:.2f} | {r['sketch_s'] / r['limit_s']:.2f} | {_mb(r['limit_mem'])} "
+            f"| {_mb(r['fast_mem'])} | {_mb(r['sketch_mem'])} | {_mb(r['ref_mem'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn", "resnet18", "transformer"])
+    p.add_argument("--m", type=int, default=256, help="probe size for mlp and cnn")
+    p.add_argument("--m-big", type=int, default=32, help="probe size for resnet18 and transformer")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--s", type=int, default=1024, help="sketch size")
+    p.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64 is the original)")
+    p.add_argument("--seq", type=int, default=64, help="transformer sequence length")
+    p.add_argument("--repeat", type=int, default=2, help="timing repeats (best of) for the fast paths")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--quick", action="store_true", help="m=32, m-big=8, one repeat")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.m, args.m_big, args.repeat = 32, 8, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    rows = []
+    for name in args.models:
+        m = args.m if name in ("mlp", "cnn") else args.m_big
+        rows.append(run(name, m, args))
+        print(f"done {name}", flush=True)
+    dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\ntorch {torch.__version__}, {dev}, float32, sketch s={args.s}\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""Fast kernels (per-layer handlers) against the torch.func reference."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from gramhook.kernel import assemble, empirical_ntk, gradient_gram, sketched_jacobian
+from gramhook.kernel import reference as ref
+from gramhook.kernel.layers import Outer
+
+# Relative Frobenius tolerances by dtype (neural-tangents style table).
+TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+BF16_TOL = 5e-2  # bf16 autocast (8-bit mantissa activations) vs float32, Gram accumulated in fp32
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        yield
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.down is None else self.down(x)  # in place on a BatchNorm output
+        return torch.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, width=4, k=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2))
+        self.head = nn.Linear(2 * width, k)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=17, d=8, k=3, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(dim=1))
+
+
+def resnet18_layout(width=2, k=2):
+    """ResNet-18 layout for 32x32 inputs: 3x3 stem, 4 stages of 2 BasicBlocks, BatchNorm."""
+    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    cin = width
+    for i, w in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
+        cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, k)]
+    return nn.Sequential(*layers)
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g))
+            mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)), (torch.randn(4, 3, 4), torch.randn(3, 3, 4))
+
+
+def cnn():
+    net = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=1, padding_mode="circular"), nn.GroupNorm(2, 6),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(6, 4, 3, padding="same", padding_mode="reflect"), nn.BatchNorm2d(4),
+        nn.Flatten(), nn.Linear(16, 3),
+    )
+    return _randomize_bn(net), (torch.randn(4, 2, 7, 7), torch.randn(3, 2, 7, 7))
+
+
+def conv1d():
+    net = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=1), nn.LayerNorm(5), nn.Tanh(), nn.Flatten(), nn.Linear(20, 2))
+    return net, (torch.randn(4, 3, 9), torch.randn(2, 3, 9))
+
+
+def resnet():
+    return _randomize_bn(TinyResNet()), (torch.randn(3, 3, 8, 8), torch.randn(2, 3, 8, 8))
+
+
+def transformer():
+    g = torch.Generator().manual_seed(2)
+    return TinyTransformer(), (torch.randint(0, 17, (3, 5), generator=g), torch.randint(0, 17, (2, 5), generator=g))
+
+
+class TokenMLP(nn.Module):
+    """Embedding, a Linear over positions, LayerNorm, and a raw Parameter (reference path)."""
+
+    def __init__(self, vocab=11, d=6, k=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.lin = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.scale = nn.Parameter(torch.ones(d))
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.lin(self.emb(x)))) * self.scale
+        return self.head(h.mean(dim=1))
+
+
+def tokens():
+    g = torch.Generator().manual_seed(4)
+    return TokenMLP(), (torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (3, 5), generator=g))
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "conv1d": conv1d, "resnet": resnet, "transformer": transformer, "tokens": tokens}
+
+
+def _build(name, dtype=torch.float64):
+    torch.manual_seed(0)
+    net, (x1, x2) = MODELS[name]()
+    net = net.to(dtype)
+    if x1.is_floating_point():
+        x1, x2 = x1.to(dtype), x2.to(dtype)
+    return net, x1, x2
+
+
+def _adam_like(net):
+    g = torch.Generator().manual_seed(3)
+    return {n: torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.1 for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("precond", [False, True], ids=["P=I", "adam"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ntk_fast_matches_reference(name, cross, precond):
+    net, x1, x2 = _build(name)
+    net.train()
+    pre = _adam_like(net) if precond else None
+    x2 = x2 if cross else None
+    want = ref.empirical_ntk(net, x1, x2, preconditioner=pre)
+    got = empirical_ntk(net, x1, x2, preconditioner=pre, method="auto")
+    assert got.shape == want.shape
+    assert rel(got, want) < TOL[torch.float64]
+    assert net.training and all(m.training for m in net.modules())  # flags restored
+    assert not any(m._forward_hooks for m in net.modules())  # hooks removed
+
+
+@pytest.mark.parametrize("precond", [False, True], ids=["P=I", "adam"])
+def test_resnet18_layout_at_32x32(precond):
+    torch.manual_seed(0)
+    net = _randomize_bn(resnet18_layout()).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    pre = _adam_like(net) if precond else None
+    assert assemble.make_plan(net, x).fallback == ()
+    got = empirical_ntk(net, x, preconditioner=pre, method="fast")
+    assert rel(got, ref.empirical_ntk(net, x, preconditioner=pre)) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize(
+    "name,loss,precond",
+    [("mlp", "mse", False), ("cnn", "cross_entropy", True), ("resnet", "cross_entropy", False),
+     ("transformer", "mse", True), ("tokens", "cross_entropy", True)],
+)
+def test_gradient_gram_fast_matches_reference(name, loss, precond):
+    net, x, _ = _build(name)
+    k = ref.output_size(net, x)
+    y = torch.randn(x.shape[0], k, dtype=torch.float64) if loss == "mse" else torch.arange(x.shape[0]) % k
+    pre = _adam_like(net) if precond else None
+    want = ref.gradient_gram(net, loss, x, y, preconditioner=pre)
+    got = gradient_gram(net, loss, x, y, preconditioner=pre, method="auto")
+    assert rel(got, want) < TOL[torch.float64]
+
+
+def test_fast_covers_everything_except_raw_parameters():
+    net, x, _ = _build("resnet")
+    assert assemble.make_plan(net, x).fallback == ()
+    net, x, _ = _build("transformer")
+    fallback = assemble.make_plan(net, x).fallback
+    # MultiheadAttention uses in_proj_weight (a raw Parameter) and out_proj.weight without calling
+    # out_proj: both take the reference path.
+    assert "enc.layers.0.self_attn.in_proj_weight" in fallback
+    assert "enc.layers.0.self_attn.out_proj.weight" in fallback
+    assert "enc.layers.0.linear1.weight" not in fallback and "emb.weight" not in fallback
+    with pytest.raises(ValueError, match="in_proj_weight"):
+        empirical_ntk(net, x, method="fast")
+
+
+def test_reused_and_tied_layers_fall_back():
+    lin = nn.Linear(4, 4)
+    net = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 2)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert set(assemble.make_plan(net, x).fallback) == {"0.weight", "0.bias"}
+    assert rel(empirical_ntk(net, x), ref.empirical_ntk(net, x)) < 1e-6
+
+    emb = nn.Embedding(7, 4)
+    head = nn.Linear(4, 7, bias=False)
+    head.weight = emb.weight
+    tied = nn.Sequential(emb, nn.Tanh(), head).double()
+    xi = torch.randint(0, 7, (3, 2))
+    assert "0.weight" in assemble.make_plan(tied, xi).fallback
+    assert rel(empirical_ntk(tied, xi), ref.empirical_ntk(tied, xi)) < 1e-6
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    d_in=st.integers(1, 5), d_out=st.integers(1, 5), seq=st.integers(0, 3), bias=st.booleans(),
+)
+def test_linear_shapes(d_in, d_out, seq, bias):
+    torch.manual_seed(0)
+    net = nn.Linear(d_in, d_out, bias=bias).double()
+    shape = (3,) + ((seq,) if seq else ()) + (d_in,)
+    x = torch.randn(shape, dtype=torch.float64)
+    assert rel(empirical_ntk(net, x, method="fast"), ref.empirical_ntk(net, x)) < 1e-6
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    groups=st.sampled_from([1, 2]), kernel=st.integers(1, 3), stride=st.integers(1, 2),
+    padding=st.integers(0, 1), dilation=st.integers(1, 2), one_d=st.booleans(),
+    mode=st.sampled_from(["zeros", "reflect", "circular"]),
+)
+def test_conv_shapes(groups, kernel, stride, padding, dilation, one_d, mode):
+    torch.manual_seed(0)
+    cls = nn.Conv1d if one_d else nn.Conv2d
+    conv = cls(2, 4, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode)
+    net = nn.Sequential(conv, nn.Flatten()).double()
+    x = torch.randn((2, 2, 6) if one_d else (2, 2, 6, 5), dtype=torch.float64)
+    assert rel(empirical_ntk(net, x, method="fast"), ref.empirical_ntk(net, x)) < 1e-6
+
+
+def test_ghost_and_dense_forms_agree():
+    net, x, _ = _build("mlp")
+    plan = assemble.make_plan(net, x)
+    forms = assemble.choose_forms(plan, 4, 4, 3, None)
+    assert "ghost" in forms.values()  # flat Linear layers go ghost
+    fg = assemble.capture_factors(net, x, plan=plan)
+    # ghost weights with their biases folded in: no (m, k, D) per-sample gradient is stored
+    assert all(isinstance(r, Outer) for r in fg.chunks[0].values())
+    ghost = assemble.cross_kernel(fg)
+    f = assemble.capture_factors(net, x, plan=plan, preconditioner={n: torch.ones_like(p) for n, p in net.named_parameters()})
+    assert set(f.forms.values()) == {"dense"}
+    assert rel(assemble.cross_kernel(f), ghost) < 1e-12
+
+
+def test_chunking_and_recompute_match():
+    net, x1, x2 = _build("cnn")
+    want = ref.empirical_ntk(net, x1, x2)
+    f1 = assemble.capture_factors(net, x1, chunk=3, store=False, other_size=3)
+    f2 = assemble.capture_factors(net, x2, plan=f1.plan, chunk=2, store=True, other_size=4)
+    assert rel(assemble.cross_kernel(f1, f2), want) < 1e-6
+    # A tiny budget forces chunks of one sample, recomputed for every block.
+    assert rel(empirical_ntk(net, x1[:2], x2[:2], memory_budget=1), want[:2, :, :2]) < 1e-6
+
+
+def test_oom_retry_halves_chunk(monkeypatch):
+    net, x, _ = _build("cnn")
+    want = ref.empirical_ntk(net, x)
+    real = assemble._chunk_contributions
+    seen = []
+
+    def flaky(model, plan, xs, cot, **kw):
+        if not kw.get("preflight"):
+            seen.append(xs.shape[0])
+            if len(seen) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, plan, xs, cot, **kw)
+
+    monkeypatch.setattr(assemble, "_chunk_contributions", flaky)
+    got = empirical_ntk(net, x)
+    assert seen[0] == 4 and max(seen[1:]) == 2
+    assert rel(got, want) < 1e-6
+
+    def always(model, plan, xs, cot, **kw):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(assemble, "_chunk_contributions", always)
+    with pytest.raises(RuntimeError, match="other failure"):
+        empirical_ntk(net, x)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_autocast_bf16(name):
+    net, x, _ = _build(name, dtype=torch.float32)
+    want = ref.empirical_ntk(net, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = empirical_ntk(net, x)
+    assert got.dtype == torch.float32
+    assert rel(got, want) < BF16_TOL
+
+
+@pytest.mark.parametrize("precond", [False, True], ids=["P=I", "adam"])
+def test_sketch_is_unbiased_with_error_one_over_sqrt_s(precond):
+    net, x, _ = _build("tokens")  # Embedding, Linear over positions, LayerNorm, a raw Parameter
+    pre = _adam_like(net) if precond else None
+    theta = ref.empirical_ntk(net, x, preconditioner=pre)
+    m, k = theta.shape[:2]
+    theta = theta.reshape(m * k, m * k)
+    scale = torch.sqrt(torch.outer(theta.diagonal(), theta.diagonal()))
+
+    def normalized_err(s, seed):
+        j = sketched_jacobian(net, x, s, seed=seed, preconditioner=pre).reshape(m * k, s)
+        return (j @ j.T - theta) / scale, j
+
+    errs = {}
+    for s in (64, 1024):
+        e = [normalized_err(s, seed)[0] for seed in range(4)]
+        errs[s] = torch.stack(e)
+        mse = errs[s].pow(2).mean().item()
+        # JL: Var ≈ (1 + ρ²)/s per entry, so s·MSE lies in about [1, 2].
+        assert 0.3 < s * mse < 4.0, (s, s * mse)
+    # unbiased: the mean over seeds has a small error relative to the spread of one sketch
+    bias = errs[1024].mean(0).abs().mean().item()
+    assert bias < 2.5 / math.sqrt(1024 * 4)
+    # deterministic for a fixed seed
+    a = sketched_jacobian(net, x, 32, seed=5, preconditioner=pre)
+    b = sketched_jacobian(net, x, 32, seed=5, preconditioner=pre, memory_budget=1)
+    assert torch.allclose(a, b)
+
+
+def test_fft_and_dense_sketch_routes_are_the_same_sketch():
+    torch.manual_seed(0)
+    a = torch.randn(3, 2, 4, 5, dtype=torch.float64)  # (c, G, T, d_in)
+    b = torch.randn(3, 2, 2, 4, 3, dtype=torch.float64)  # (c, q, G, T, d_out)
+    o = Outer(a, b, 5, (6, 5))
+    h = assemble._hashes("w", (6, 5), 16, 0, "cpu")
+    dense = assemble._count_sketch_dense(o.dense().reshape(3, 2, -1), h, 16)
+    assert torch.allclose(assemble._tensor_sketch(o, h, 16), dense, atol=1e-10)
+    signed = assemble._count_sketch_dense(assemble._signed(o, h).dense().reshape(3, 2, -1), h, 16, signed=True)
+    assert torch.allclose(signed, dense, atol=1e-10)
+    idx = torch.randint(0, 7, (3, 1, 4))
+    o = Outer(idx, torch.randn(3, 2, 1, 4, 3, dtype=torch.float64), 7, (7, 3), a_is_row=True)
+    h = assemble._hashes("e", (7, 3), 16, 0, "cpu")
+    dense = assemble._count_sketch_dense(o.dense().reshape(3, 2, -1), h, 16)
+    assert torch.allclose(assemble._tensor_sketch(o, h, 16), dense, atol=1e-10)
+
+
+def test_reference_method_dispatch():
+    net, x, _ = _build("mlp")
+    assert torch.equal(empirical_ntk(net, x, method="reference"), ref.empirical_ntk(net, x))
+    with pytest.raises(ValueError, match="method must be one of"):
+        empirical_ntk(net, x, method="slow")
+    assert sketched_jacobian(net, x, 8, method="reference").shape == (4, 3, 8)
