@@ -127,6 +127,11 @@ class Rates:
     metric: Optional[Tensor] = None
     decay: Union[None, float, Tensor] = None
     standin_grad: Optional[Tensor] = None
+    cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def fields(self) -> dict:
+        """The defining tensors (for ``state_dict``), without the engine's cache."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cache"}
 
 
 @dataclasses.dataclass
@@ -148,9 +153,15 @@ class GapEstimate:
     time: float
 
 
+def _eigh(mat: Tensor) -> tuple:
+    """``eigh`` in float64 (much faster and more accurate than float32 LAPACK on CPU here)."""
+    e, v = torch.linalg.eigh(mat.double())
+    return e.to(mat.dtype), v.to(mat.dtype)
+
+
 def _sqrt_psd(mat: Tensor) -> Tensor:
     """Symmetric square root of a batch of PSD matrices ``(..., k, k)``."""
-    e, v = torch.linalg.eigh(mat)
+    e, v = _eigh(mat)
     return (v * e.clamp(min=0).sqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
 
 
@@ -182,7 +193,7 @@ def expm_lowrank_apply(state: Tensor, rows: Tensor, metric: Optional[Tensor], dt
     if rows.shape[0] == 0:
         return state
     zp = rows if metric is None else rows * metric
-    e, q = torch.linalg.eigh(zp @ rows.T)                 # (R,), (R, R)
+    e, q = _eigh(zp @ rows.T)                 # (R,), (R, R)
     e = e.clamp(min=0)
     coef = ((state @ rows.T) @ q) * _phi(e, dt)           # (m, R)
     return state - (coef @ q.T) @ zp
@@ -219,7 +230,7 @@ class _Engine:
         self._pending: Optional[Rates] = None
 
     # -- to be provided by an engine ---------------------------------------------------------
-    def _advance(self, dt: float, rates: Rates) -> None:
+    def _advance(self, dt: float, rates: Rates, steps: Optional[int]) -> None:
         raise NotImplementedError
 
     def _own_outputs(self, rates: Rates) -> Tensor:
@@ -234,13 +245,27 @@ class _Engine:
         """Rate of injection into the own output ``(m, k)``: ``J_i P (∇ℓ_i − ∇ℓ') / n``."""
         raise NotImplementedError
 
+    def perturbation(self, rates) -> float:
+        """ε̄ (THEORY §2): the U-statistic of the per-sample gradient covariance, over n."""
+        raise NotImplementedError
+
     # -- shared ---------------------------------------------------------------------------------
-    def measure(self, dt: float, rates: Rates) -> GapEstimate:
-        """Advance by ``dt`` with the previous rates, then read out with these rates."""
+    def measure(self, dt: float, rates: Rates, steps: Optional[int] = None) -> GapEstimate:
+        """Advance by ``dt`` with the previous rates, then read out with these rates.
+
+        Args:
+            dt: flow time since the previous measurement.
+            rates: quantities at the current weights.
+            steps: optimizer steps in the interval. When given, the parameter-space engine
+                integrates the discrete optimizer map (see :class:`ParameterSpaceEngine`);
+                ``None`` integrates the continuous flow.
+        """
         if dt < 0:
             raise ValueError(f"dt must be non-negative, got {dt}.")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be a positive count of optimizer steps, got {steps}.")
         if self._pending is not None and dt > 0:
-            self._advance(dt, self._pending)
+            self._advance(dt, self._pending, steps)
         self.time += dt
         self._pending = rates
         return self._estimate(rates)
@@ -257,14 +282,14 @@ class _Engine:
         mean = float(g.mean())
         se = float(g.std(unbiased=True) / math.sqrt(m)) if m > 1 else float("nan")
         inj = self._injection_rate(rates)
-        eps = float((rates.residual * inj).sum(1).mean())
+        eps = self.perturbation(rates)
         dgdt = float((r_shift * (self._own_velocity(rates) + inj)).sum(1).mean())
         scale = max(abs(eps) * max(self.time, 1e-12), 1e-12)
         contraction = (eps - dgdt) / mean if abs(mean) > 1e-6 * scale else float("nan")
         return GapEstimate(g, mean, se, eps, contraction, self.time)
 
     def state_dict(self) -> dict:
-        return {"time": self.time, "pending": dataclasses.asdict(self._pending) if self._pending else None}
+        return {"time": self.time, "pending": self._pending.fields() if self._pending else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.time = float(state["time"])
@@ -294,12 +319,20 @@ class ParameterSpaceEngine(_Engine):
 
     # rows Z and own rows z_i -------------------------------------------------------------------
     def _rows(self, rates: Rates) -> Tensor:
-        n = self.config.n_train
+        if "rows" not in rates.cache:
+            rates.cache["rows"] = self._build_rows(rates)
+        return rates.cache["rows"]
+
+    def _build_rows(self, rates: Rates) -> Tensor:
         parts = []
         if rates.ref_jac is not None and rates.ref_jac.shape[0] > 0:
             b, k, d = rates.ref_jac.shape
-            zr = _sqrt_psd(rates.ref_hessian) @ rates.ref_jac           # (B, k, D)
-            parts.append(zr.reshape(b * k, d) * math.sqrt(rates.ref_weight / b))
+            # Rows sqrt(e) vᵀ J_b from Λ_b = V diag(e) Vᵀ; directions with e ≈ 0 (always one for
+            # softmax cross-entropy, most of them for confident predictions) carry no contraction.
+            e, v = _eigh(rates.ref_hessian.to(self.delta.dtype))
+            keep = e > 1e-6 * e.max().clamp(min=1e-30)
+            rows = torch.einsum("bke,bkd->bed", v * e.clamp(min=0).sqrt().unsqueeze(1), rates.ref_jac.to(self.delta.dtype))
+            parts.append(rows[keep] * math.sqrt(rates.ref_weight / b))
         if self.config.probe_rows:
             m, k, d = rates.probe_jac.shape
             parts.append(self._own_rows(rates).reshape(m * k, d))
@@ -309,7 +342,11 @@ class ParameterSpaceEngine(_Engine):
 
     def _own_rows(self, rates: Rates) -> Tensor:
         """``z_i = Λ_i^{1/2} J_i / sqrt(n)`` ``(m, k, D)``."""
-        return (_sqrt_psd(rates.hessian) @ rates.probe_jac) / math.sqrt(self.config.n_train)
+        if "own" not in rates.cache:
+            half = _sqrt_psd(rates.hessian).to(self.delta.dtype)
+            jac = rates.probe_jac.to(self.delta.dtype)
+            rates.cache["own"] = (half @ jac) / math.sqrt(self.config.n_train)
+        return rates.cache["own"]
 
     def _grads(self, rates: Rates) -> Tensor:
         """Per-sample loss gradients ``J_iᵀ r_i`` ``(m, D)``."""
@@ -336,22 +373,54 @@ class ParameterSpaceEngine(_Engine):
             return None
         return torch.exp(-dt * torch.as_tensor(rates.decay, dtype=self.delta.dtype, device=self.delta.device))
 
-    def _advance(self, dt: float, rates: Rates) -> None:
+    def _own_restore(self, rates: Rates, d: Tensor, metric: Optional[Tensor], gain) -> Tensor:
+        """``(R_i − I) d_i`` with ``R_i = P z_iᵀ Q_i diag(gain(e_i)) Q_iᵀ z_i``, rank k per sample."""
+        z = self._own_rows(rates)                                   # (m, k, D)
+        zp = z if metric is None else z * metric
+        e, q = _eigh(zp @ z.transpose(1, 2))            # (m, k), (m, k, k)
+        coef = torch.einsum("id,ikd->ik", d, z)
+        coef = torch.einsum("ikl,il,ijl,ij->ik", q, gain(e.clamp(min=0)), q, coef)
+        return torch.einsum("ik,ikd->id", coef, zp)
+
+    def _advance(self, dt: float, rates: Rates, steps: Optional[int]) -> None:
         inj = self._injection(rates).to(self.delta.dtype)
         metric = None if rates.metric is None else rates.metric.to(self.delta.dtype)
-        d = self.delta + 0.5 * dt * inj
-        d = expm_lowrank_apply(d, self._rows(rates), metric, dt)
-        # Undo the own sample's share exactly: exp(+dt P z_iᵀ z_i), rank k per sample.
-        z = self._own_rows(rates).to(d.dtype)                      # (m, k, D)
-        zp = z if metric is None else z * metric
-        e, q = torch.linalg.eigh(zp @ z.transpose(1, 2))            # (m, k), (m, k, k)
-        coef = torch.einsum("id,ikd->ik", d, z)
-        coef = torch.einsum("ikl,il,ijl,ij->ik", q, _psi(e.clamp(min=0), dt), q, coef)
-        d = d + torch.einsum("ik,ikd->id", coef, zp)
+        if steps is None:
+            d = self.delta + 0.5 * dt * inj
+            d = expm_lowrank_apply(d, self._rows(rates), metric, dt)
+            d = d + self._own_restore(rates, d, metric, lambda e: _psi(e, dt))
+            tail = 0.5 * dt * inj
+        else:
+            d, tail = self._discrete(dt, steps, rates, inj, metric)
         factor = self._decay_factor(rates, dt)
         if factor is not None:
             d = d * factor
-        self.delta = d + 0.5 * dt * inj
+        self.delta = d + tail
+
+    def _discrete(self, dt: float, steps: int, rates: Rates, inj: Tensor, metric: Optional[Tensor]):
+        """N steps of the optimizer map ``δ ← (I − hP H_{S∖i}) δ + h·inj``, ``h = dt/N``.
+
+        In the eigenbasis of ``Z P Zᵀ`` the N-step factor is ``(1 − h e)^N``; ``h e`` is capped at 2
+        (the edge of stability, where a real optimizer stops contracting a direction). The own
+        sample's share is removed exactly for N = 1 and by a multiplicative split for N > 1.
+        The injected term is the exact discrete sum ``Σ_s (I − hPH)^s h·inj``.
+        """
+        h = dt / steps
+        rows = self._rows(rates)
+        zp = rows if metric is None else rows * metric
+        e, q = _eigh(zp @ rows.T)
+        x = (h * e).clamp(min=0.0, max=2.0)
+        mult = (1 - x) ** steps
+        safe = torch.where(x > 1e-12, e, torch.ones_like(e))
+        coef = torch.where(x > 1e-12, (1 - mult) / safe, steps * h * torch.ones_like(e))  # f(e)
+        old = self.delta
+        d = old - (((old @ rows.T) @ q) * coef) @ q.T @ zp
+        total = steps * h
+        extra = torch.where(x > 1e-12, (coef - total) / safe, -0.5 * steps * (steps - 1) * h * h * torch.ones_like(e))
+        tail = total * inj + (((inj @ rows.T) @ q) * extra) @ q.T @ zp
+        gain = lambda ev: ((1 + h * ev).clamp(max=math.exp(30.0 / steps)) ** steps - 1) / torch.where(ev > 0, ev, torch.ones_like(ev)) * (ev > 0) + steps * h * (ev <= 0)
+        base = old if steps == 1 else d
+        return d + self._own_restore(rates, base, metric, gain), tail
 
     def _own_outputs(self, rates: Rates) -> Tensor:
         return torch.einsum("ikd,id->ik", rates.probe_jac.to(self.delta.dtype), self.delta)
@@ -431,7 +500,7 @@ class FunctionSpaceEngine(_Engine):
                 cols = cols - (cols.sum(2, keepdim=True) - cols) / (m - 1)
         return cols / cfg.n_train
 
-    def _advance(self, dt: float, rates: KernelRates) -> None:
+    def _advance(self, dt: float, rates: KernelRates, steps: Optional[int]) -> None:
         m, k, _ = self.u.shape
         w = 1.0 / m
         theta = rates.theta.to(self.u.dtype).reshape(m * k, m * k)
@@ -441,13 +510,13 @@ class FunctionSpaceEngine(_Engine):
         u = self.u.reshape(m * k, m) + 0.5 * dt * inj
         # exp(−dt w Θ L Lᵀ) = I − Θ L Q φ Qᵀ Lᵀ w   (push-through with Q e Qᵀ = w Lᵀ Θ L)
         tl = theta @ lower
-        e, q = torch.linalg.eigh(w * lower.T @ tl)
+        e, q = _eigh(w * lower.T @ tl)
         u = u - w * tl @ (q * _phi(e.clamp(min=0), dt)) @ q.T @ (lower.T @ u)
         # Undo own-sample contraction per column: exp(+dt w Θ_{:,i} L_i L_iᵀ E_iᵀ).
         tl_cols = tl.reshape(m * k, m, k)                           # Θ_{:,i} L_i
         own = torch.einsum("ilk,il->ik", half, u.reshape(m, k, m).diagonal(dim1=0, dim2=2).T)  # L_iᵀ u_i
         blk = torch.stack([half[i].T @ rates.theta.to(u.dtype)[i, :, i, :] @ half[i] for i in range(m)])
-        e2, q2 = torch.linalg.eigh(w * blk)
+        e2, q2 = _eigh(w * blk)
         coef = torch.einsum("ikl,il,ijl,ij->ik", q2, _psi(e2.clamp(min=0), dt), q2, own)
         u = u + w * torch.einsum("aik,ik->ai", tl_cols, coef)
         if rates.decay:
@@ -470,6 +539,19 @@ class FunctionSpaceEngine(_Engine):
 
     def _injection_rate(self, rates: KernelRates) -> Tensor:
         return self._injection_cols(rates).diagonal(dim1=0, dim2=2).T
+
+    def perturbation(self, rates: KernelRates) -> float:
+        r = rates.residual.to(self.u.dtype)
+        gram = torch.einsum("ia,iajb,jb->ij", r, rates.theta.to(r.dtype), r)     # G_ij
+        m = gram.shape[0]
+        diag = gram.diagonal().mean()
+        if self.config.standin is Standin.HOLDOUT and rates.standin_cross is not None:
+            cross = (r * rates.standin_cross.to(r.dtype)).sum(1).mean()
+        elif m > 1:
+            cross = (gram.sum() - gram.diagonal().sum()) / (m * (m - 1))
+        else:
+            return float("nan")
+        return float((diag - cross) / self.config.n_train)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "u": self.u.clone()}

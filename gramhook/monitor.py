@@ -1,0 +1,517 @@
+"""GramMonitor: the two-line hook. Schedule, hook handles, history and early stopping; no maths.
+
+Data flows one way: optimizer step → :class:`GramMonitor` (decides when to measure) →
+:mod:`gramhook.measure` (kernels at the current weights) → :mod:`gramhook.dynamics` (engines,
+effective Gram) → sinks (TensorBoard).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import kernel
+from .dynamics.effective_gram import EffectiveGram
+from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin
+from .losses import resolve_loss
+from .measure import compute_rates, probe_outputs
+from .optim import check_optimizer, read_optimizer, step_dt
+from .probe import check_probe_against_model, default_probe_size, make_probe
+
+__all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
+
+HISTORY_KEYS = (
+    "step", "time", "train_loss", "predicted_gap", "predicted_gap_se", "predicted_test_loss",
+    "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
+    "effective_gram_gap", "monitor_seconds", "overhead",
+)
+
+Schedule = Union[int, Callable[[int], bool], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorConfig:
+    """Settings of a :class:`GramMonitor` (checked at construction).
+
+    Attributes:
+        every: measure every this many optimizer steps, or a callable ``step -> bool``. ``None``
+            picks the default schedule: every step for the first 10 steps, then every 10 up to
+            step 200, then every 25. On the demo CNN this keeps overhead near 5%.
+        probe_size: probe samples m (default 128 on CPU, 512 on CUDA).
+        coordinates: ``"exact"`` (δ in parameter coordinates), an int sketch dimension s, or
+            ``"auto"``: exact while m·P·4 bytes stays under 512 MiB, else s = 4096.
+        reference_size: training inputs per reference batch (captured or from ``reference``).
+        mode: ``"loo"`` or ``"replace"`` (replace-one with the other probe samples, or the
+            holdout when given, as stand-in).
+        effective_gram_size: m_K, the sub-probe size for the effective Gram matrix K_n
+            (0 disables it).
+        method: kernel method, ``"auto"``, ``"fast"`` or ``"reference"``.
+        seed: seed of the probe choice, sketch and reference sampling (private generators).
+    """
+
+    every: Schedule = None
+    probe_size: Optional[int] = None
+    coordinates: Union[str, int] = "auto"
+    reference_size: int = 64
+    mode: str = "loo"
+    effective_gram_size: int = 32
+    method: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.every is not None and not callable(self.every):
+            if not isinstance(self.every, int) or self.every < 1:
+                raise ValueError(f"`every` must be a positive int or a callable step -> bool, got {self.every!r}.")
+        if self.probe_size is not None and self.probe_size < 2:
+            raise ValueError(f"`probe_size` must be at least 2, got {self.probe_size}.")
+        if not (self.coordinates in ("auto", "exact") or (isinstance(self.coordinates, int) and self.coordinates > 0)):
+            raise ValueError(f"`coordinates` must be 'auto', 'exact' or a positive sketch size, got {self.coordinates!r}.")
+        if self.reference_size < 1:
+            raise ValueError(f"`reference_size` must be positive, got {self.reference_size}.")
+        Mode(self.mode)
+        if self.method not in kernel.METHODS:
+            raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
+
+
+def default_schedule(step: int) -> bool:
+    """Dense early, when the kernel moves fast (THEORY §3), sparse later."""
+    if step <= 10:
+        return True
+    if step <= 200:
+        return step % 10 == 0
+    return step % 25 == 0
+
+
+class _Reservoir:
+    """A bounded uniform sample of the training inputs seen since the last measurement.
+
+    Holds at most ``capacity`` rows, cloned and detached; the user's batch itself is never kept.
+    """
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity = capacity
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.rows: List[Tensor] = []
+        self.seen = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach()
+        for start in range(0, x.shape[0]):
+            self.seen += 1
+            if len(self.rows) < self.capacity:
+                self.rows.append(x[start].clone())
+            else:
+                j = int(torch.randint(0, self.seen, (1,), generator=self.gen))
+                if j < self.capacity:
+                    self.rows[j] = x[start].clone()
+
+    def take(self) -> Optional[Tensor]:
+        if not self.rows:
+            return None
+        out = torch.stack(self.rows)
+        self.rows, self.seen = [], 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rows": [r.clone() for r in self.rows], "seen": self.seen, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [r.clone() for r in state["rows"]]
+        self.seen = state["seen"]
+        self.gen.set_state(state["gen"])
+
+
+class GramMonitor:
+    """Predict the test loss of a model while it trains, from the empirical NTK on a probe.
+
+    Args:
+        model: the model being trained; its forward takes one tensor of inputs.
+        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` training ``model``.
+        probe: ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader`` of *training* samples; a
+            fixed subset of ``probe_size`` samples is drawn once, deterministically.
+        n_train: size of the training set (inferred from a Dataset/DataLoader probe).
+        loss: ``"cross_entropy"``, ``"mse"`` or a per-sample callable ``(out, y) -> (batch,)``.
+        every: measurement schedule (see :class:`MonitorConfig`).
+        logdir: a path or a ``SummaryWriter`` for TensorBoard, or ``None``.
+        holdout: optional labelled held-out ``(x, y)``; used as the stand-in in replace-one mode.
+        reference: optional training inputs ``x`` or ``(x, y)`` for the contraction. When omitted,
+            the monitor samples the inputs of the model's own training forwards (a forward
+            pre-hook active while ``model.training`` is true) into a bounded reservoir of cloned
+            rows, emptied at every measurement.
+        compare_tag: the TensorBoard tag of your measured test loss, drawn beside the prediction.
+        **settings: the fields of :class:`MonitorConfig`.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> monitor = GramMonitor(model, opt, probe=(x, y), n_train=32, every=1)
+        >>> for _ in range(3):
+        ...     opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+        >>> len(monitor.history)
+        4
+        >>> monitor.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        probe,
+        n_train: Optional[int] = None,
+        loss="cross_entropy",
+        every: Schedule = None,
+        logdir=None,
+        holdout=None,
+        reference=None,
+        compare_tag: Optional[str] = None,
+        **settings,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        check_optimizer(optimizer)
+        self.config = MonitorConfig(every=every, **settings)
+        self.model, self.optimizer = model, optimizer
+        self.loss = resolve_loss(loss)
+        self.device = next(model.parameters()).device
+        size = self.config.probe_size or default_probe_size(self.device)
+        self.probe, self.n_train = make_probe(probe, size=size, n_train=n_train, seed=self.config.seed, device=self.device)
+        self.k = check_probe_against_model(model, self.probe, self.loss)
+        self.loss = self.loss.with_out_shape(self._out_shape())
+        m = self.probe.x.shape[0]
+        self.holdout = self._tensors(holdout, "holdout", labelled=True)
+        self.reference = self._tensors(reference, "reference", labelled=False)
+        if self.loss.hessian_needs_target and (self.reference is None or self.reference[1] is None):
+            raise ValueError(
+                f"The loss {self.loss.name!r} may have a target-dependent Hessian, so the contraction "
+                "needs labelled training samples: pass reference=(x_train, y_train), or set "
+                "`loss.hessian_needs_target = False` on your loss function if Λ does not depend on y."
+            )
+        mode = Mode(self.config.mode)
+        standin = Standin.HOLDOUT if (mode is Mode.REPLACE and self.holdout is not None) else Standin.PROBE
+        # The probe's own rows enter the contraction exactly (weight 1/n each) and the reference batch
+        # stands for the other n − m samples, so the own-sample exclusion is exact (THEORY §3(a)).
+        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin, probe_rows=True)
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        coords = self.config.coordinates
+        if coords == "auto":
+            coords = "exact" if m * n_params * 4 <= 512 * 2**20 else 4096
+        self.coordinates = coords
+        dim = n_params if coords == "exact" else int(coords)
+        dtype = next(model.parameters()).dtype
+        dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        self.engine = ParameterSpaceEngine(self.engine_config, dim, self.loss, dtype=dtype, device=self.device)
+        m_k = min(self.config.effective_gram_size, m)
+        self.effective = EffectiveGram(self.n_train, dtype=dtype, device=self.device) if m_k >= 2 else None
+        self._m_k = m_k
+        self._schedule = self._make_schedule(self.config.every)
+        self._reservoir = _Reservoir(self.config.reference_size, self.config.seed)
+        self._ref_gen = torch.Generator().manual_seed(self.config.seed + 2)
+        self.sink = self._make_sink(logdir, compare_tag)
+        self.history: List[Dict[str, float]] = []
+        self.step = 0
+        self._elapsed = 0.0
+        self._steps_since = 0
+        self._monitor_seconds = 0.0
+        self._started = time.perf_counter()
+        self._reported: set = set()
+        self._last_gaps: Optional[Tensor] = None
+        self._handles = [optimizer.register_step_post_hook(self._on_step)]
+        if self.reference is None:
+            self._handles.append(model.register_forward_pre_hook(self._capture))
+        self.measure()
+
+    # -- construction helpers -----------------------------------------------------------------
+    def _out_shape(self):
+        with torch.no_grad(), kernel.eval_mode(self.model):
+            return tuple(self.model(self.probe.x[:1]).shape[1:])
+
+    def _tensors(self, data, what: str, labelled: bool):
+        if data is None:
+            return None
+        if isinstance(data, Tensor):
+            if labelled:
+                raise ValueError(f"`{what}` must be a pair (x, y) of tensors.")
+            return data.to(self.device), None
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            x, y = data
+            if not isinstance(x, Tensor) or (y is not None and not isinstance(y, Tensor)):
+                raise TypeError(f"`{what}` must hold tensors, got ({type(x).__name__}, {type(y).__name__}).")
+            if y is not None and x.shape[0] != y.shape[0]:
+                raise ValueError(f"`{what}` has {x.shape[0]} inputs but {y.shape[0]} targets.")
+            if x.shape[0] == 0:
+                raise ValueError(f"`{what}` is empty.")
+            return x.to(self.device), None if y is None else y.to(self.device)
+        raise TypeError(f"`{what}` must be a tensor of inputs or a pair (x, y), got {type(data).__name__}.")
+
+    @staticmethod
+    def _make_schedule(every: Schedule) -> Callable[[int], bool]:
+        if every is None:
+            return default_schedule
+        if callable(every):
+            return lambda step: bool(every(step))
+        return lambda step: step % every == 0
+
+    @staticmethod
+    def _make_sink(logdir, compare_tag):
+        if logdir is None:
+            return None
+        from .sinks.tensorboard import TensorBoardSink
+
+        sink = TensorBoardSink(logdir, compare_tag=compare_tag)
+        sink.write_layout()
+        return sink
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _capture(self, module, args):
+        if not module.training or not args or not isinstance(args[0], Tensor):
+            return
+        try:
+            self._reservoir.add(args[0])
+        except Exception as exc:  # never break the user's forward
+            self._report("capture", exc)
+
+    def _on_step(self, optimizer, args, kwargs):
+        self.step += 1
+        self._steps_since += 1
+        try:
+            self._elapsed += step_dt(optimizer)
+        except Exception as exc:
+            self._report("dt", exc)
+        if self._schedule(self.step):
+            self.measure()
+
+    # -- measurement --------------------------------------------------------------------------
+    def measure(self) -> Optional[Dict[str, float]]:
+        """Measure now. Failures are reported once and skipped; training goes on."""
+        start = time.perf_counter()
+        try:
+            with self._isolated():
+                record = self._measure()
+        except Exception as exc:
+            self._report("measure", exc)
+            if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc):
+                self._shrink()
+            return None
+        finally:
+            self._monitor_seconds += time.perf_counter() - start
+        record["monitor_seconds"] = time.perf_counter() - start
+        wall = time.perf_counter() - self._started
+        record["overhead"] = self._monitor_seconds / max(wall - self._monitor_seconds, 1e-9)
+        self.history.append(record)
+        if self.sink is not None:
+            self._write(record)
+        return record
+
+    @contextlib.contextmanager
+    def _isolated(self):
+        """RNG streams, grad mode and module modes are restored whatever happens."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            yield
+
+    def _reference_batch(self):
+        if self.reference is not None:
+            x, y = self.reference
+            idx = torch.randint(0, x.shape[0], (min(self.config.reference_size, x.shape[0]),), generator=self._ref_gen)
+            idx = idx.to(x.device)
+            return x[idx], None if y is None else y[idx]
+        x = self._reservoir.take()
+        return (None, None) if x is None else (x.to(self.device), None)
+
+    def _measure(self) -> Dict[str, float]:
+        metric = read_optimizer(self.optimizer, self.model)
+        ref_x, ref_y = self._reference_batch()
+        rates = compute_rates(
+            self.model, self.loss, self.probe.x, self.probe.y, metric,
+            coordinates=self.coordinates, ref_x=ref_x, ref_y=ref_y,
+            ref_weight=(self.n_train - self.probe.x.shape[0]) / self.n_train,
+            holdout=self.holdout if self.engine_config.standin is Standin.HOLDOUT else None,
+            seed=self.config.seed, method=self.config.method,
+        )
+        if rates.ref_jac is None and self.n_train > self.probe.x.shape[0]:
+            # Nothing captured yet: the probe itself stands for the other samples too.
+            rates.ref_jac, rates.ref_hessian = rates.probe_jac, rates.hessian
+        steps = self._steps_since if (self.history and self._steps_since) else None
+        est = self.engine.measure(self._elapsed if self.history else 0.0, rates, steps=steps)
+        self._elapsed, self._steps_since = 0.0, 0
+        train_loss = float(self.loss(rates.outputs, self.probe.y).mean())
+        gaps = est.per_sample
+        if not torch.isfinite(gaps).all():
+            raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
+        self._last_gaps = gaps.detach().cpu()
+        record = {
+            "step": self.step,
+            "time": est.time,
+            "train_loss": train_loss,
+            "predicted_gap": est.mean,
+            "predicted_gap_se": est.se,
+            "predicted_test_loss": train_loss + est.mean,
+            "contraction": est.contraction,
+            "perturbation": self.engine.perturbation(rates) if self.coordinates == "exact" else est.perturbation,
+            "alignment": math.nan,
+            "benign_fraction": math.nan,
+            "kernel_fidelity": math.nan,
+            "effective_gram_gap": math.nan,
+        }
+        if self.effective is not None:
+            theta = self._sub_probe_ntk(rates)
+            dt = est.time - getattr(self, "_k_time", est.time)
+            self._k_time = est.time
+            c = est.contraction if math.isfinite(est.contraction) else 0.0
+            stats = self.effective.update(dt, theta, rates.residual[: self._m_k], rates.hessian[: self._m_k], c)
+            record.update(
+                alignment=stats.alignment, benign_fraction=stats.benign_fraction,
+                kernel_fidelity=stats.kernel_fidelity, effective_gram_gap=stats.gap,
+            )
+            self._last_spectrum = torch.linalg.eigvalsh(theta.reshape(self._m_k * self.k, -1) / self._m_k).cpu()
+        return record
+
+    def _sub_probe_ntk(self, rates) -> Tensor:
+        """Θ on the first m_K probe samples from the engine's Jacobians ``(m_K, k, m_K, k)``."""
+        jac = rates.probe_jac[: self._m_k]
+        left = jac if rates.metric is None else jac * rates.metric
+        return torch.einsum("iap,jbp->iajb", left, jac)
+
+    def _shrink(self) -> None:
+        """After an out-of-memory failure: halve the reference batch and the kernel budget."""
+        self.config = dataclasses.replace(self.config, reference_size=max(1, self.config.reference_size // 2))
+        self._reservoir.capacity = self.config.reference_size
+
+    def _report(self, where: str, exc: BaseException) -> None:
+        key = (where, type(exc).__name__)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        msg = f"gramhook: {where} failed at step {self.step} ({type(exc).__name__}: {exc}); training continues, this measurement is skipped."
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        if self.sink is not None:
+            try:
+                self.sink.write_text(self.step, "errors", msg)
+            except Exception:
+                pass
+
+    def _write(self, record: Dict[str, float]) -> None:
+        try:
+            self.sink.write_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
+            spectrum = getattr(self, "_last_spectrum", None)
+            self.sink.write_histograms(record["step"], self._last_gaps, spectrum)
+        except Exception as exc:
+            self._report("tensorboard", exc)
+
+    # -- results ------------------------------------------------------------------------------
+    def _latest(self, key: str) -> float:
+        return self.history[-1][key] if self.history else math.nan
+
+    @property
+    def train_loss(self) -> float:
+        """Loss on the probe (training samples, eval mode) at the last measurement."""
+        return self._latest("train_loss")
+
+    @property
+    def predicted_gap(self) -> float:
+        return self._latest("predicted_gap")
+
+    @property
+    def predicted_test_loss(self) -> float:
+        return self._latest("predicted_test_loss")
+
+    def per_sample_gap(self) -> Tensor:
+        """Per-sample gaps ``g_i`` at the last measurement, ``(m,)``."""
+        if self._last_gaps is None:
+            return torch.full((self.probe.x.shape[0],), math.nan)
+        return self._last_gaps.clone()
+
+    def effective_gram(self) -> Tensor:
+        """K_n on the sub-probe, ``(m_K·k, m_K·k)``, index ``i·k + a``."""
+        if self.effective is None:
+            raise RuntimeError("The effective Gram matrix is disabled (effective_gram_size=0).")
+        return self.effective.matrix.clone()
+
+    def _series(self, metric: str) -> List[tuple]:
+        if self.history and metric not in self.history[0]:
+            raise KeyError(f"Unknown metric {metric!r}; use one of {sorted(self.history[0])}.")
+        return [(h["step"], h[metric]) for h in self.history if math.isfinite(h[metric])]
+
+    @property
+    def best(self) -> Optional[Dict[str, float]]:
+        """The step and value of the lowest predicted test loss so far."""
+        series = self._series("predicted_test_loss")
+        if not series:
+            return None
+        step, value = min(series, key=lambda sv: sv[1])
+        return {"step": step, "value": value}
+
+    def should_stop(self, patience: int = 5, min_delta: float = 0.0, metric: str = "predicted_test_loss") -> bool:
+        """True once ``metric`` has not improved by ``min_delta`` for ``patience`` measurements."""
+        if patience < 1:
+            raise ValueError(f"`patience` must be at least 1, got {patience}.")
+        series = [v for _, v in self._series(metric)]
+        if len(series) <= patience:
+            return False
+        best_before = min(series[:-patience])
+        return min(series[-patience:]) > best_before - min_delta
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "elapsed": self._elapsed,
+            "steps_since": self._steps_since,
+            "history": [dict(h) for h in self.history],
+            "engine": self.engine.state_dict(),
+            "effective": None if self.effective is None else self.effective.state_dict(),
+            "k_time": getattr(self, "_k_time", None),
+            "reservoir": self._reservoir.state_dict(),
+            "ref_gen": self._ref_gen.get_state(),
+            "last_gaps": self._last_gaps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self._elapsed = state["elapsed"]
+        self._steps_since = state["steps_since"]
+        self.history = [dict(h) for h in state["history"]]
+        self.engine.load_state_dict(state["engine"])
+        if self.effective is not None and state["effective"] is not None:
+            self.effective.load_state_dict(state["effective"])
+        if state["k_time"] is not None:
+            self._k_time = state["k_time"]
+        self._reservoir.load_state_dict(state["reservoir"])
+        self._ref_gen.set_state(state["ref_gen"])
+        self._last_gaps = state["last_gaps"]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Remove every hook; the monitor stops measuring. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def close(self) -> None:
+        """Detach and close the TensorBoard sink."""
+        self.detach()
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
+    def __enter__(self) -> "GramMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.detach()
+        except Exception:
+            pass

@@ -1,0 +1,83 @@
+"""Gap engines against brute-force leave-one-out retraining (float64; THEORY §7).
+
+Each test prints the measured agreement so the numbers in the README and the closing notes can
+be checked with ``pytest -s``.
+"""
+import pytest
+import torch
+
+import bruteforce as bf
+from engine_runs import run_engine
+
+
+def _rel(a, b):
+    return a / b - 1.0
+
+
+@pytest.fixture(scope="module")
+def linear():
+    problem = bf.linear_regression_problem(n=60, d=80, noise=0.5, seed=0)
+    checkpoints = [25, 50, 100, 200, 300, 400]
+    loo = bf.loo_gaps(problem, 0.5, 400, checkpoints)
+    repl = bf.replace_one_gaps(problem, 0.5, 400, checkpoints, problem.x_fresh, problem.y_fresh)
+    return problem, checkpoints, loo, repl
+
+
+@pytest.mark.parametrize("engine", ["param", "function"])
+def test_linear_full_probe_matches_loo(linear, engine):
+    """Issue test 2: probe = training set, full-batch GD; both engines within 1% of LOO."""
+    problem, checkpoints, loo, _ = linear
+    run = run_engine(problem, 0.5, 400, checkpoints, engine=engine)
+    for t in checkpoints:
+        truth, est = loo[t].mean().item(), run.gaps[t].mean().item()
+        print(f"[{engine}] t={t}: LOO {truth:.4f} engine {est:.4f} ({_rel(est, truth):+.2%})")
+        assert abs(_rel(est, truth)) < 0.01
+        torch.testing.assert_close(run.gaps[t], loo[t], rtol=0.05, atol=2e-3)
+
+
+@pytest.mark.parametrize("engine", ["param", "function"])
+def test_linear_replace_one_matches_brute_force(linear, engine):
+    """Replace-one with a holdout stand-in (the fresh samples z'), within 1% of brute force."""
+    problem, checkpoints, _, repl = linear
+    holdout = (problem.x_fresh, problem.y_fresh)
+    run = run_engine(problem, 0.5, 400, checkpoints, engine=engine, mode="replace", standin="holdout", holdout=holdout)
+    for t in checkpoints:
+        truth, est = repl[t].mean().item(), run.gaps[t].mean().item()
+        print(f"[{engine}] replace-one t={t}: brute {truth:.4f} engine {est:.4f} ({_rel(est, truth):+.2%})")
+        assert abs(_rel(est, truth)) < 0.01
+
+
+def test_linear_replace_one_probe_standin(linear):
+    """Replace-one with the other probe samples as stand-in: the estimator THEORY §2 uses by default."""
+    problem, checkpoints, _, repl = linear
+    run = run_engine(problem, 0.5, 400, checkpoints, engine="function", mode="replace", standin="probe")
+    for t in checkpoints[2:]:
+        truth, est = repl[t].mean().item(), run.gaps[t].mean().item()
+        print(f"replace-one (probe stand-in) t={t}: brute {truth:.4f} engine {est:.4f} ({_rel(est, truth):+.2%})")
+        assert abs(_rel(est, truth)) < 0.10
+
+
+def test_linear_cadence_function_engine(linear):
+    """Issue test 5: engine (b) measured every 25 steps stays within 2% of every step."""
+    problem, _, _, _ = linear
+    checkpoints = [100, 200, 300, 400]
+    dense = run_engine(problem, 0.5, 400, checkpoints, engine="function", every=1)
+    sparse = run_engine(problem, 0.5, 400, checkpoints, engine="function", every=25)
+    for t in checkpoints:
+        a, b = dense.gaps[t].mean().item(), sparse.gaps[t].mean().item()
+        print(f"cadence t={t}: every=1 {a:.4f} every=25 {b:.4f} ({_rel(b, a):+.2%})")
+        assert abs(_rel(b, a)) < 0.02
+
+
+def test_tanh_mlp_cross_entropy():
+    """Issue test 3: tanh MLP, n=64, full-batch GD, CE, lr 2; engine (a) within 10% of LOO at t=300.
+
+    Engine (b) misses the kernel velocity J̇δ; its error is printed, not asserted (THEORY §7: −29%).
+    """
+    problem = bf.tanh_mlp_problem()
+    loo = bf.loo_gaps(problem, 2.0, 300, [300])[300].mean().item()
+    param = run_engine(problem, 2.0, 300, [300], engine="param").gaps[300].mean().item()
+    print(f"tanh MLP t=300: LOO {loo:.4f} engine (a) {param:.4f} ({_rel(param, loo):+.1%})")
+    assert abs(_rel(param, loo)) < 0.10
+    function = run_engine(problem, 2.0, 300, [300], engine="function").gaps[300].mean().item()
+    print(f"tanh MLP t=300: engine (b) {function:.4f} ({_rel(function, loo):+.1%}) [known failure, not asserted]")
