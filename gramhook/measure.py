@@ -121,7 +121,13 @@ def compute_rates(
         h_out = probe_outputs(model, hx)
         h_r, _ = residual_and_hessian(loss, h_out, hy)
         h_jac = engine_jacobian(model, hx, coordinates, metric, seed=seed, method=method)
-        rates.standin_grad = torch.einsum("hkd,hk->d", h_jac, h_r.to(h_jac.dtype)) / hx.shape[0]
+        grads = torch.einsum("hkd,hk->hd", h_jac, h_r.to(h_jac.dtype))
+        # A holdout as large as the probe pairs z'_i with probe sample i; otherwise its mean stands in.
+        if hx.shape[0] == probe_x.shape[0]:
+            rates.standin_grad, rates.standin_jac = grads, h_jac
+            rates.standin_hessian = residual_and_hessian(loss, h_out, hy)[1]
+        else:
+            rates.standin_grad = grads.mean(0)
     return rates
 
 
@@ -151,5 +157,6 @@ def compute_kernel_rates(
         hx, hy = holdout
         h_r, _ = residual_and_hessian(loss, probe_outputs(model, hx), hy)
         cross = kernel.empirical_ntk(model, probe_x, hx, preconditioner=metric.preconditioner, method=method)
-        rates.standin_cross = torch.einsum("iahb,hb->ia", cross, h_r.to(cross.dtype)) / hx.shape[0]
+        cols = torch.einsum("iahb,hb->iah", cross, h_r.to(cross.dtype))     # Θ_{:,h} r_h, (m, k, H)
+        rates.standin_cross = cols if hx.shape[0] == probe_x.shape[0] else cols.mean(2)
     return rates

@@ -113,7 +113,10 @@ class Rates:
         ref_weight: the share of the training set the reference batch stands for.
         metric: diagonal of P in these coordinates ``(D,)``; ``None`` is the identity.
         decay: weight-decay rate per unit time, scalar or ``(D,)``.
-        standin_grad: mean loss gradient of the holdout, ``(D,)`` (replace-one with a holdout).
+        standin_grad: loss gradient of the stand-in z' (replace-one with a holdout): the holdout
+            mean ``(D,)``, or one holdout sample per probe sample ``(m, D)``.
+        standin_jac, standin_hessian: with paired stand-ins, their Jacobians ``(m, k, D)`` and
+            Hessians ``(m, k, k)``: z'_i joins the training set, so it contracts δ_i.
     """
 
     outputs: Tensor
@@ -127,6 +130,8 @@ class Rates:
     metric: Optional[Tensor] = None
     decay: Union[None, float, Tensor] = None
     standin_grad: Optional[Tensor] = None
+    standin_jac: Optional[Tensor] = None
+    standin_hessian: Optional[Tensor] = None
     cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def fields(self) -> dict:
@@ -211,7 +216,7 @@ def perturbation_factor(grads: Tensor, metric: Optional[Tensor], n_train: int, s
     m = grads.shape[0]
     diag = (gp * grads).sum(1)
     if standin is not None:
-        cross = (gp @ standin).mean()
+        cross = (gp @ (standin.mean(0) if standin.dim() == 2 else standin)).mean()
     else:
         if m < 2:
             return float("nan")
@@ -373,9 +378,9 @@ class ParameterSpaceEngine(_Engine):
             return None
         return torch.exp(-dt * torch.as_tensor(rates.decay, dtype=self.delta.dtype, device=self.delta.device))
 
-    def _own_restore(self, rates: Rates, d: Tensor, metric: Optional[Tensor], gain) -> Tensor:
+    def _own_restore(self, rates: Rates, d: Tensor, metric: Optional[Tensor], gain, z: Optional[Tensor] = None) -> Tensor:
         """``(R_i − I) d_i`` with ``R_i = P z_iᵀ Q_i diag(gain(e_i)) Q_iᵀ z_i``, rank k per sample."""
-        z = self._own_rows(rates)                                   # (m, k, D)
+        z = self._own_rows(rates) if z is None else z              # (m, k, D)
         zp = z if metric is None else z * metric
         e, q = _eigh(zp @ z.transpose(1, 2))            # (m, k), (m, k, k)
         coef = torch.einsum("id,ikd->ik", d, z)
@@ -389,9 +394,16 @@ class ParameterSpaceEngine(_Engine):
             d = self.delta + 0.5 * dt * inj
             d = expm_lowrank_apply(d, self._rows(rates), metric, dt)
             d = d + self._own_restore(rates, d, metric, lambda e: _psi(e, dt))
+            standin_gain = lambda e: -_phi(e, dt)
             tail = 0.5 * dt * inj
         else:
             d, tail = self._discrete(dt, steps, rates, inj, metric)
+            h = dt / steps
+            standin_gain = lambda e: ((1 - (h * e).clamp(max=2.0)) ** steps - 1) / torch.where(e > 0, e, torch.ones_like(e)) * (e > 0) - steps * h * (e <= 0)
+        if rates.standin_jac is not None:
+            # A paired stand-in z'_i is in the training set of run i: it contracts δ_i.
+            zs = (_sqrt_psd(rates.standin_hessian) @ rates.standin_jac).to(d.dtype) / math.sqrt(self.config.n_train)
+            d = d + self._own_restore(rates, d, metric, standin_gain, z=zs)
         factor = self._decay_factor(rates, dt)
         if factor is not None:
             d = d * factor
@@ -460,7 +472,8 @@ class KernelRates:
         outputs ``(m, k)``, targets ``(m, ...)``, residual ``(m, k)``, hessian ``(m, k, k)``.
         theta: the probe NTK in the optimizer metric ``(m, k, m, k)``.
         decay: scalar weight-decay rate.
-        standin_cross: ``Θ_{P,h} r_h`` averaged over a holdout, ``(m, k)`` (replace-one with a holdout).
+        standin_cross: ``Θ_{P,h} r_h`` for a holdout stand-in: averaged ``(m, k)``, or paired with
+            the probe samples ``(m, k, m)`` (column i for probe sample i).
     """
 
     outputs: Tensor
@@ -494,7 +507,8 @@ class FunctionSpaceEngine(_Engine):
             if cfg.standin is Standin.HOLDOUT:
                 if rates.standin_cross is None:
                     raise ValueError("Replace-one with a holdout needs rates.standin_cross.")
-                cols = cols - rates.standin_cross.to(cols.dtype).unsqueeze(2)
+                cross = rates.standin_cross.to(cols.dtype)
+                cols = cols - (cross if cross.dim() == 3 else cross.unsqueeze(2))
             else:
                 m = cols.shape[2]
                 cols = cols - (cols.sum(2, keepdim=True) - cols) / (m - 1)
@@ -546,7 +560,8 @@ class FunctionSpaceEngine(_Engine):
         m = gram.shape[0]
         diag = gram.diagonal().mean()
         if self.config.standin is Standin.HOLDOUT and rates.standin_cross is not None:
-            cross = (r * rates.standin_cross.to(r.dtype)).sum(1).mean()
+            sc = rates.standin_cross.to(r.dtype)
+            cross = (r * (sc.mean(2) if sc.dim() == 3 else sc)).sum(1).mean()
         elif m > 1:
             cross = (gram.sum() - gram.diagonal().sum()) / (m * (m - 1))
         else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from .reference import (
     DEFAULT_MEMORY_BUDGET,
     eval_mode,
-    flat_jacobian,
     gaussian_sketch_matrix,
     output_size,
     per_sample_gradients,
@@ -86,6 +85,34 @@ def gradient_gram(model, loss, x, y, *, preconditioner=None, method="auto", memo
         return _reference.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget)
     return _fast.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget,
                                strict=method == "fast")
+
+
+def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, method="auto",
+                  memory_budget=DEFAULT_MEMORY_BUDGET):
+    """Per-sample Jacobians flattened over parameters, columns scaled by ``P**power``: ``(m, k, P)``.
+
+    ``J[i, a, :]`` is ``∂f_a(x_i)/∂w`` over the parameters of ``names`` (default: every
+    ``requires_grad`` parameter, in ``named_parameters()`` order; given ``names`` keep their order,
+    as :func:`trainable_parameters` does), each column multiplied by ``P_p ** power`` when a
+    ``preconditioner`` is given. The model runs in eval mode (flags restored); no ``.grad`` is
+    touched and no hook is left behind.
+
+    ``"auto"``/``"fast"`` materialize per-layer per-sample gradients from hooked activations and one
+    batched backward of the ``k`` output cotangents, writing straight into the output; parameters
+    without a handler go through the reference path (``"fast"`` raises instead). ``memory_budget``
+    bounds the transient memory per chunk of samples (the output itself is not counted).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> flat_jacobian(net, torch.randn(5, 3)).shape
+    torch.Size([5, 2, 26])
+    """
+    _check_method(method)
+    if method == "reference":
+        return _reference.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
+                                        memory_budget=memory_budget)
+    return _fast.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
+                               memory_budget=memory_budget, strict=method == "fast")
 
 
 def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):

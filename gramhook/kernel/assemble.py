@@ -76,6 +76,7 @@ __all__ = [
     "empirical_ntk",
     "gradient_gram",
     "sketched_jacobian",
+    "flat_jacobian",
     "choose_forms",
 ]
 
@@ -868,5 +869,189 @@ def sketched_jacobian(
 
         def fn(chunk):
             return torch.cat([sketch_chunk(x[s0 : s0 + chunk]) for s0 in range(0, m, chunk)], dim=0)
+
+        return _run(fn, chunk_of)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flat Jacobian
+
+# The (m, k, P) output of :func:`flat_jacobian` is written once and is usually the largest thing
+# the call touches; on Linux, fresh anonymous memory is faulted in 4 KiB pages, which costs more
+# than writing it (measured ~7x slower first touch on CPU for 0.1-1 GB). Large CPU outputs are
+# therefore advised as transparent huge pages (``MADV_HUGEPAGE``, what PyTorch's own
+# ``THP_MEM_ALLOC_ENABLE`` does). Best effort: a no-op where unsupported or disabled.
+USE_HUGE_PAGES = True
+_HUGE_PAGE_MIN_BYTES = 32 << 20  # glibc serves these with a fresh mmap of their own
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_libc = None
+
+
+def _madvise_huge(t: Tensor) -> None:
+    global _libc
+    if _libc is None:
+        _libc = False
+        try:
+            import ctypes
+            import ctypes.util
+            import sys
+
+            if sys.platform.startswith("linux"):
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                lib.madvise.restype = ctypes.c_int
+                _libc = lib
+        except (OSError, AttributeError):  # pragma: no cover - no libc
+            _libc = False
+    if not _libc:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    lo = (start + _HUGE - 1) & ~(_HUGE - 1)  # only whole huge pages inside the tensor's memory
+    hi = end & ~(_HUGE - 1)
+    if hi > lo:
+        _libc.madvise(lo, hi - lo, _MADV_HUGEPAGE)  # failure only means small pages
+
+
+def _empty_output(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if USE_HUGE_PAGES and out.device.type == "cpu" and out.numel() * out.element_size() >= _HUGE_PAGE_MIN_BYTES:
+        _madvise_huge(out)
+    return out
+
+
+def _restrict_plan(plan: Plan, names: Sequence[str], strict: bool) -> Plan:
+    """Keep the hooked layers (and their parameters) among ``names``; the rest of ``names`` falls back."""
+    wanted = set(names)
+    layers = []
+    for lp in plan.layers:
+        params = tuple(p for p in lp.params if p[1] in wanted)
+        if params:
+            layers.append(dataclasses.replace(lp, params=params))
+    covered = {full for lp in layers for _, full in lp.params}
+    fallback = tuple(n for n in names if n not in covered)
+    if strict and fallback:
+        raise ValueError(
+            f"method='fast' needs a handler for every requested parameter, but {list(fallback)} have "
+            "none (raw nn.Parameters, layers called more than once, tied weights, requires_grad=False, "
+            "or unsupported layer types/configurations). Use method='auto' to send them through the "
+            "reference path, or register a handler with gramhook.kernel.layers.register."
+        )
+    return dataclasses.replace(plan, layers=tuple(layers), fallback=fallback)
+
+
+def _write_outer(c: Outer, dst: Tensor) -> None:
+    """Per-sample gradients ``Σ_{g,t} B ⊗ A`` of a weight straight into ``dst`` ``(n, q, D)``."""
+    n, q, G, T, d_out = c.b.shape
+    if c.is_index:  # Embedding: scatter the output gradients into the rows of the used indices
+        g = dst.view(n, q, c.d_in, d_out).zero_()
+        src = c.b[:, :, 0].to(dst.dtype)  # (n, q, T, d_out)
+        g.scatter_add_(2, c.a[:, 0][:, None, :, None].expand_as(src), src)
+        return
+    d_in = c.d_in
+    if c.a_is_row:  # pragma: no cover - no float-input row-indexed layer is registered
+        dst.copy_(c.dense().reshape(n, q, -1))
+        return
+    view = dst.view(n, q, G, d_out, d_in)
+    same = c.a.dtype == dst.dtype
+    if T == 1:  # outer products, memory bound: one broadcast multiply into the output
+        b, a = c.b[:, :, :, 0, :, None], c.a[:, None, :, 0, None, :]
+        if same:
+            torch.mul(b, a, out=view)
+        else:
+            view.copy_(b * a)
+        return
+    for g in range(G):
+        a_g = c.a[:, g]  # (n, T, d_in)
+        for i in range(q):
+            b_gi = c.b[:, i, g].transpose(1, 2)  # (n, d_out, T)
+            if same:
+                torch.bmm(b_gi, a_g, out=view[:, i, g])
+            else:
+                view[:, i, g].copy_(torch.bmm(b_gi, a_g))
+
+
+def flat_jacobian(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    preconditioner: Preconditioner = None,
+    power: float = 0.0,
+    names: Optional[Sequence[str]] = None,
+    memory_budget: int = _ref.DEFAULT_MEMORY_BUDGET,
+    strict: bool = False,
+) -> Tensor:
+    """Per-sample Jacobians flattened over parameters, columns scaled by ``P**power``; fast path.
+
+    Same contract as :func:`gramhook.kernel.reference.flat_jacobian`: shape ``(m, k, P)``, the
+    parameters of ``names`` (default: every ``requires_grad`` parameter, in ``named_parameters()``
+    order) in that order. Per chunk: one forward with hooks, one batched backward of the ``k`` unit
+    cotangents to the handled layers' outputs, then each handled parameter's per-sample gradients
+    are formed from its layer's input and output-gradients directly in their columns of a
+    preallocated output (a batched GEMM over positions for convolutions and sequences, a broadcast
+    outer product for flat Linear layers). Parameters without a handler (and ``names`` that are not
+    ``requires_grad``) take the reference torch.func path for their own columns only.
+
+    ``memory_budget`` bounds the transient memory per chunk (captured activations, output
+    gradients, unfolded inputs, reference-path Jacobians); the output itself is not counted.
+    Out-of-memory errors retry with half the chunk.
+
+    Raises:
+        ValueError: if ``strict`` and some requested parameter has no handler.
+    """
+    params = _ref.trainable_parameters(model, names)
+    names = list(params)
+    offsets: Dict[str, Tuple[int, int]] = {}
+    total = 0
+    for n, p in params.items():
+        offsets[n] = (total, total + p.numel())
+        total += p.numel()
+    dtype = params[names[0]].dtype
+    for p in params.values():
+        dtype = torch.promote_types(dtype, p.dtype)
+    device = params[names[0]].device
+    scales: Dict[str, Tensor] = {}
+    if preconditioner is not None and power != 0.0:
+        for n in names:
+            if n in preconditioner:
+                scales[n] = preconditioner[n].reshape(-1).to(device=device, dtype=dtype) ** power
+    m = x.shape[0]
+    with _ref.eval_mode(model):
+        plan = _restrict_plan(make_plan(model, x), names, strict)
+        k = plan.k
+        out = _empty_output((m, k, total), dtype, device)
+        forms = {full: "ghost" for lp in plan.layers for _, full in lp.params}
+
+        def fill(xs: Tensor, dst: Tensor) -> None:
+            if plan.layers:
+                contribs = _chunk_contributions(model, plan, xs, None)
+                with _no_autocast(device):
+                    for name, c in contribs.items():
+                        lo, hi = offsets[name]
+                        d = dst[:, :, lo:hi]
+                        if isinstance(c, Outer):
+                            _write_outer(c, d)
+                        else:
+                            d.copy_(c.g.reshape(d.shape))
+                        if name in scales:
+                            d.mul_(scales[name])
+                del contribs
+            if plan.fallback:
+                jac = _reference_jacobians(model, xs, plan.fallback, memory_budget)
+                for name, j in jac.items():
+                    lo, hi = offsets[name]
+                    d = dst[:, :, lo:hi]
+                    d.copy_(j.reshape(d.shape))
+                    if name in scales:
+                        d.mul_(scales[name])
+
+        def chunk_of(c):
+            return c if c is not None else _default_chunk(model, plan, x, k, forms, memory_budget)
+
+        def fn(chunk):
+            for s0 in range(0, m, chunk):
+                fill(x[s0 : s0 + chunk], out[s0 : s0 + chunk])
+            return out
 
         return _run(fn, chunk_of)
