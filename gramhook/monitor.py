@@ -200,7 +200,7 @@ class GramMonitor:
         standin = Standin.HOLDOUT if (mode is Mode.REPLACE and self.holdout is not None) else Standin.PROBE
         # The probe's own rows enter the contraction exactly (weight 1/n each) and the reference batch
         # stands for the other n − m samples, so the own-sample exclusion is exact (THEORY §3(a)).
-        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin, probe_rows=True)
+        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         coords = self.config.coordinates
         if coords == "auto":

@@ -45,7 +45,7 @@ def run_engine(
     holdout=None,
     seed: int = 0,
     momentum: float = 0.0,
-    integrator: str = "exponential",
+    integrator: str = "discrete",
 ) -> EngineRun:
     """Train ``problem`` and integrate an engine; measurements every ``every`` steps.
 
@@ -61,7 +61,7 @@ def run_engine(
     px, py = problem.x[idx], problem.y[idx]
     m = len(idx)
     nonprobe = torch.tensor(sorted(set(range(n)) - set(idx.tolist())), dtype=torch.long)
-    cfg = EngineConfig(n_train=n, m=m, mode=mode, standin=standin, probe_rows=True)
+    cfg = EngineConfig(n_train=n, m=m, mode=mode, standin=standin)
     k = int(model(px[:1]).reshape(1, -1).shape[1])
     if engine == "param":
         dim = sum(p.numel() for p in model.parameters()) if coordinates == "exact" else int(coordinates)

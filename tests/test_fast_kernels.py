@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from gramhook.kernel import assemble, empirical_ntk, gradient_gram, sketched_jacobian
+from gramhook.kernel import assemble, empirical_ntk, flat_jacobian, gradient_gram, sketched_jacobian
 from gramhook.kernel import reference as ref
 from gramhook.kernel.layers import Outer
 
@@ -369,3 +369,149 @@ def test_reference_method_dispatch():
     with pytest.raises(ValueError, match="method must be one of"):
         empirical_ntk(net, x, method="slow")
     assert sketched_jacobian(net, x, 8, method="reference").shape == (4, 3, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat Jacobian (m, k, P): the fast path against the torch.func reference, in float64.
+
+JAC_ATOL = 1e-10
+
+
+def _assert_jac_equal(got, want):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    scale = max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= JAC_ATOL * scale
+
+
+def wide_cnn():
+    """First conv with a narrow input (d_in = 9, T = 64: the transposed GEMM), grouped/strided next."""
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(),
+        nn.Conv2d(6, 4, 3, stride=2, groups=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(36, 3),
+    )
+    return net, (torch.randn(5, 1, 8, 8), None)
+
+
+def relu_mlp():
+    """Every op of its batched backward has a batching rule: the single batched backward is used."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)), (torch.randn(4, 3, 4), None)
+
+
+JAC_MODELS = {**MODELS, "wide_cnn": wide_cnn, "relu_mlp": relu_mlp}
+
+
+def _build_jac(name):
+    torch.manual_seed(0)
+    net, (x, _) = JAC_MODELS[name]()
+    net = net.double()
+    return net, (x.double() if x.is_floating_point() else x)
+
+
+@pytest.mark.parametrize("name", ["mlp", "relu_mlp", "cnn", "wide_cnn", "resnet", "transformer", "tokens"])
+def test_flat_jacobian_fast_matches_reference(name):
+    net, x = _build_jac(name)
+    net.train()  # eval semantics inside, flags restored
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    want = ref.flat_jacobian(net, x)
+    got = flat_jacobian(net, x, method="auto")
+    _assert_jac_equal(got, want)
+    assert net.training and all(m.training for m in net.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in net.modules())
+    assert all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in net.named_buffers())  # BatchNorm stats untouched
+    assert not got.requires_grad
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0])
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_flat_jacobian_preconditioned(name, power):
+    net, x = _build_jac(name)
+    pre = _adam_like(net)
+    want = ref.flat_jacobian(net, x, preconditioner=pre, power=power)
+    _assert_jac_equal(flat_jacobian(net, x, preconditioner=pre, power=power), want)
+    # power 0 ignores the preconditioner
+    _assert_jac_equal(flat_jacobian(net, x, preconditioner=pre), ref.flat_jacobian(net, x))
+
+
+def test_flat_jacobian_names_subset():
+    net, x = _build_jac("transformer")
+    # handled and fallback parameters, out of named_parameters() order: the given order is kept
+    names = ["head.weight", "enc.layers.1.self_attn.in_proj_weight", "emb.weight", "enc.layers.0.norm1.bias"]
+    pre = _adam_like(net)
+    want = ref.flat_jacobian(net, x, names=names, preconditioner=pre, power=0.5)
+    _assert_jac_equal(flat_jacobian(net, x, names=names, preconditioner=pre, power=0.5), want)
+    # a parameter with requires_grad=False is still differentiated when named (reference path)
+    net, x = _build_jac("cnn")
+    net[0].weight.requires_grad_(False)
+    names = ["0.weight", "2.weight", "8.bias"]
+    _assert_jac_equal(flat_jacobian(net, x, names=names), ref.flat_jacobian(net, x, names=names))
+    default = flat_jacobian(net, x)
+    assert default.shape[2] == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    _assert_jac_equal(default, ref.flat_jacobian(net, x))
+
+
+@pytest.mark.parametrize("block", [None, 1, 200], ids=["default", "per-output", "small-blocks"])
+@pytest.mark.parametrize("name", ["cnn", "wide_cnn", "resnet"])
+def test_flat_jacobian_chunks_and_write_blocks(name, block, monkeypatch):
+    net, x = _build_jac(name)
+    want = ref.flat_jacobian(net, x)
+    if block is not None:  # the per-output GEMM route (huge layers) and blocks of one or two samples
+        monkeypatch.setattr(assemble, "_WRITE_BLOCK_ELEMS", block)
+    _assert_jac_equal(flat_jacobian(net, x, memory_budget=1), want)  # chunks of one sample
+    _assert_jac_equal(flat_jacobian(net, x), want)
+
+
+def test_flat_jacobian_oom_retry_and_dispatch(monkeypatch):
+    net, x = _build_jac("cnn")
+    want = ref.flat_jacobian(net, x)
+    assert torch.equal(flat_jacobian(net, x, method="reference"), want)
+    with pytest.raises(ValueError, match="method must be one of"):
+        flat_jacobian(net, x, method="slow")
+    real = assemble._chunk_contributions
+    seen = []
+
+    def flaky(model, plan, xs, cot, **kw):
+        seen.append(xs.shape[0])
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, plan, xs, cot, **kw)
+
+    monkeypatch.setattr(assemble, "_chunk_contributions", flaky)
+    _assert_jac_equal(flat_jacobian(net, x), want)
+    assert seen[0] == 4 and max(seen[1:]) == 2
+
+
+def test_flat_jacobian_strict_and_autocast():
+    net, x = _build_jac("transformer")
+    with pytest.raises(ValueError, match="in_proj_weight"):
+        flat_jacobian(net, x, method="fast")
+    names = ["emb.weight", "head.weight", "head.bias"]  # all handled: "fast" is fine
+    _assert_jac_equal(flat_jacobian(net, x, names=names, method="fast"), ref.flat_jacobian(net, x, names=names))
+    net, x, _ = _build("cnn", dtype=torch.float32)
+    want = ref.flat_jacobian(net, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = flat_jacobian(net, x)
+        theta = empirical_ntk(net, x)
+    assert got.dtype == torch.float32
+    # Single Jacobian entries carry the bf16 activation error (~7% here; the NTK averages it down),
+    # and J Jᵀ is the fast NTK under the same autocast.
+    assert rel(got, want) < 3 * BF16_TOL
+    assert rel(torch.einsum("iap,jbp->iajb", got, got), theta) < 1e-5
+
+
+@pytest.mark.parametrize("name,loop", [("relu_mlp", False), ("cnn", True)])
+def test_flat_jacobian_backward_mode(name, loop, monkeypatch):
+    """One batched backward of the k cotangents, or a loop over them where vmap would loop op by op."""
+    net, x = _build_jac(name)
+    real = assemble._chunk_contributions
+    modes = []
+
+    def spy(model, plan, xs, cot, **kw):
+        modes.append(kw.get("loop", False))
+        return real(model, plan, xs, cot, **kw)
+
+    monkeypatch.setattr(assemble, "_chunk_contributions", spy)
+    _assert_jac_equal(flat_jacobian(net, x), ref.flat_jacobian(net, x))
+    assert modes == [loop]
+    assert not torch._C._debug_only_are_vmap_fallback_warnings_enabled()  # global flag restored

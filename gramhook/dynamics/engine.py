@@ -14,17 +14,14 @@ trajectory, and read out the exact loss difference ``g_i = ℓ(f_i + u_i, y_i) �
 Time stepping. A measurement at time t supplies :class:`Rates` evaluated at the current weights.
 The engine first advances the state over the elapsed interval with the rates of the *previous*
 measurement (left endpoint, which makes every-step cadence match discrete gradient descent),
-then reads out through the current Jacobian. Over an interval ``Δt`` it applies, in this order,
-half the injection, the A-stable low-rank exponential of the contraction, the exact restoration
-of the own-sample term, the weight decay, and the other half of the injection (Strang splitting).
+then reads out through the current Jacobian.
 
 Contraction operator. Rows ``Z`` stack ``sqrt(w)·Λ_j^{1/2} J_j`` for the reference batch (weight
-``w = ref_weight/B`` each) and, when ``probe_rows`` is set, for the probe samples (weight 1/n
-each). With ``Q diag(e) Qᵀ = Z P Zᵀ``:
-  ``exp(−Δt P ZᵀZ) δ = δ − P Zᵀ Q diag((1 − e^{−Δt e})/e) Qᵀ Z δ``.
-The own sample's share ``(1/n) J_iᵀ Λ_i J_i`` of that operator is then undone exactly with the
-rank-k exponential ``exp(+Δt (1/n) P J_iᵀ Λ_i J_i)``; the own sample must never contract its own
-perturbation (THEORY §3, "the exclusion is essential").
+``w = ref_weight/B`` each, the reference standing for the non-probe share of the data) and for
+every probe sample (weight 1/n each). The probe's own rows are always in ``Z``, so sample i's own
+share ``(1/n) J_iᵀ Λ_i J_i`` can be taken out exactly: the own sample must never contract its own
+perturbation (THEORY §3, "the exclusion is essential"). See
+:meth:`ParameterSpaceEngine._advance` for the integrator.
 """
 from __future__ import annotations
 
@@ -47,7 +44,6 @@ __all__ = [
     "ParameterSpaceEngine",
     "FunctionSpaceEngine",
     "perturbation_factor",
-    "expm_lowrank_apply",
 ]
 
 
@@ -72,16 +68,12 @@ class EngineConfig:
         m: probe size.
         mode: leave-one-out or replace-one.
         standin: stand-in for z' in replace-one mode.
-        probe_rows: include the probe samples' rows (weight 1/n) in the contraction. Set it when
-            the reference batches exclude the probe (they then stand for the other n − m
-            samples) or when there are none (probe = training set).
     """
 
     n_train: int
     m: int
     mode: Mode = Mode.LOO
     standin: Standin = Standin.PROBE
-    probe_rows: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "mode", Mode(self.mode))
@@ -184,26 +176,6 @@ def _psi(e: Tensor, dt: float, cap: float = 30.0) -> Tensor:
     return torch.where(small, dt * (1 + 0.5 * dt * e), torch.expm1((dt * safe).clamp(max=cap)) / safe)
 
 
-def expm_lowrank_apply(state: Tensor, rows: Tensor, metric: Optional[Tensor], dt: float) -> Tensor:
-    """Apply ``exp(−dt P ZᵀZ)`` to each row of ``state`` without forming a D×D matrix.
-
-    Args:
-        state: ``(m, D)``, one vector per row.
-        rows: ``Z`` ``(R, D)``.
-        metric: diagonal of P ``(D,)`` or ``None``.
-
-    Returns:
-        ``(m, D)``.
-    """
-    if rows.shape[0] == 0:
-        return state
-    zp = rows if metric is None else rows * metric
-    e, q = _eigh(zp @ rows.T)                 # (R,), (R, R)
-    e = e.clamp(min=0)
-    coef = ((state @ rows.T) @ q) * _phi(e, dt)           # (m, R)
-    return state - (coef @ q.T) @ zp
-
-
 def perturbation_factor(grads: Tensor, metric: Optional[Tensor], n_train: int, standin: Optional[Tensor] = None) -> float:
     """ε̄ = (1/n)·[mean_i G_ii − mean_{i≠j} G_ij] (or minus mean_i ⟨∇ℓ_i, P ∇ℓ_h⟩ with a holdout).
 
@@ -225,6 +197,57 @@ def perturbation_factor(grads: Tensor, metric: Optional[Tensor], n_train: int, s
     return float((diag.mean() - cross) / n_train)
 
 
+def _integrate(a: Tensor, a_inj: Tensor, a_end: Tensor, e: Tensor, q_own: Tensor, dt: float, steps: Optional[int]):
+    """Integrate the own-excluded contraction in the eigen-coordinates of a row Gram.
+
+    Both engines write their state as ``x_i = x_i(0) + dt·inj_i + (row map)(Q b_i)`` where
+    ``Q diag(e) Qᵀ`` is the Gram of the contraction rows and ``a_i = Qᵀ (rows · x_i)``. The
+    contraction acts diagonally on ``a``; sample i's own rows are the rows ``q_own[i]`` of Q.
+
+    Args:
+        a: ``(c, R)`` initial coordinates, one row per perturbation.
+        a_inj, a_end: ``(c, R)`` coordinates of the injection rate at the interval's start and
+            end; the rate is interpolated linearly in between.
+        e: ``(R,)`` eigenvalues (≥ 0); q_own: ``(c, k, R)``.
+        steps: ``None`` for the continuous flow, else the number of discrete optimizer steps.
+
+    Returns:
+        ``b`` of shape ``(c, R)`` and the weight ``w`` of the end rate in the injected total
+        ``dt·((1 − w)·inj_start + w·inj_end)``. A single discrete step injects the start rate only
+        (w = 0), which makes every-step cadence reproduce gradient descent exactly.
+
+    Continuous flow: sub-steps of ``h = dt/N`` with ``h·max e_own ≤ 0.05``; each is half the
+    (midpoint) injection, ``exp(−h·Gram)`` (exact), the own share restored with ``exp(+h·own Gram)``, and the
+    other half of the injection. Discrete map: N steps ``x ← x − h (Gram − own) x + h·inj``, exact
+    for a constant operator, with the factor ``1 − h e`` kept ≥ −1 (the edge of stability).
+    Either way a sub-step costs O(c·R·k).
+    """
+    b = torch.zeros_like(a)
+    if steps is None:
+        own_gram = torch.einsum("ikr,r,ilr->ikl", q_own, e, q_own)
+        e_own, v_own = _eigh(own_gram)
+        n_sub = int(min(4096, max(1, math.ceil(dt * float(e_own.max().clamp(min=0)) / 0.05))))
+        h = dt / n_sub
+        restore = (v_own * _psi(e_own.clamp(min=0), h).unsqueeze(1)) @ v_own.transpose(1, 2)
+        decay, phi = torch.exp(-h * e), _phi(e, h)
+        for j in range(n_sub):
+            rate = a_inj + ((j + 0.5) / n_sub) * (a_end - a_inj)
+            a = a + 0.5 * h * rate
+            b = b - phi * a
+            a = decay * a
+            db = torch.einsum("ikr,ik->ir", q_own, torch.einsum("ikl,ilr,ir->ik", restore, q_own, a))
+            b, a = b + db, a + e * db + 0.5 * h * rate
+        return b, 0.5
+    h = dt / steps
+    factor = (1 - h * e).clamp(min=-1.0)
+    shrink = torch.where(e > 0, (1 - factor) / torch.where(e > 0, e, torch.ones_like(e)), h * torch.ones_like(e))
+    for j in range(steps):
+        rate = a_inj + (j / steps) * (a_end - a_inj)
+        db = -shrink * a + h * torch.einsum("ikr,ik->ir", q_own, torch.einsum("ikr,ir->ik", q_own, a))
+        b, a = b + db, a + e * db + h * rate
+    return b, (steps - 1) / (2 * steps)
+
+
 class _Engine:
     """Shared measurement logic: left-endpoint stepping, readout, ε̄ and c̄."""
 
@@ -235,7 +258,9 @@ class _Engine:
         self._pending: Optional[Rates] = None
 
     # -- to be provided by an engine ---------------------------------------------------------
-    def _advance(self, dt: float, rates: Rates, steps: Optional[int]) -> None:
+    def _advance(self, dt: float, rates, steps: Optional[int], end) -> None:
+        """Advance over ``dt`` with the operators of ``rates`` (interval start); the injection rate
+        is interpolated linearly towards ``end``, the rates at the interval's end."""
         raise NotImplementedError
 
     def _own_outputs(self, rates: Rates) -> Tensor:
@@ -270,7 +295,7 @@ class _Engine:
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be a positive count of optimizer steps, got {steps}.")
         if self._pending is not None and dt > 0:
-            self._advance(dt, self._pending, steps)
+            self._advance(dt, self._pending, steps, rates)
         self.time += dt
         self._pending = rates
         return self._estimate(rates)
@@ -312,7 +337,7 @@ class ParameterSpaceEngine(_Engine):
     State: ``delta`` of shape ``(m, D)``.
 
     Example:
-        >>> cfg = EngineConfig(n_train=10, m=2, probe_rows=True)
+        >>> cfg = EngineConfig(n_train=10, m=2)
         >>> eng = ParameterSpaceEngine(cfg, dim=3, loss=lambda f, y: 0.5 * ((f - y) ** 2).sum(1))
         >>> eng.delta.shape
         torch.Size([2, 3])
@@ -338,11 +363,8 @@ class ParameterSpaceEngine(_Engine):
             keep = e > 1e-6 * e.max().clamp(min=1e-30)
             rows = torch.einsum("bke,bkd->bed", v * e.clamp(min=0).sqrt().unsqueeze(1), rates.ref_jac.to(self.delta.dtype))
             parts.append(rows[keep] * math.sqrt(rates.ref_weight / b))
-        if self.config.probe_rows:
-            m, k, d = rates.probe_jac.shape
-            parts.append(self._own_rows(rates).reshape(m * k, d))
-        if not parts:
-            return rates.probe_jac.new_zeros(0, rates.probe_jac.shape[2])
+        m, k, d = rates.probe_jac.shape
+        parts.append(self._own_rows(rates).reshape(m * k, d))       # last: the own rows
         return torch.cat(parts).to(self.delta.dtype)
 
     def _own_rows(self, rates: Rates) -> Tensor:
@@ -373,66 +395,45 @@ class ParameterSpaceEngine(_Engine):
             grads = grads * rates.metric
         return grads / cfg.n_train
 
-    def _decay_factor(self, rates: Rates, dt: float):
-        if rates.decay is None:
-            return None
-        return torch.exp(-dt * torch.as_tensor(rates.decay, dtype=self.delta.dtype, device=self.delta.device))
-
-    def _own_restore(self, rates: Rates, d: Tensor, metric: Optional[Tensor], gain, z: Optional[Tensor] = None) -> Tensor:
-        """``(R_i − I) d_i`` with ``R_i = P z_iᵀ Q_i diag(gain(e_i)) Q_iᵀ z_i``, rank k per sample."""
-        z = self._own_rows(rates) if z is None else z              # (m, k, D)
+    @staticmethod
+    def _rank_k_update(d: Tensor, z: Tensor, metric: Optional[Tensor], gain) -> Tensor:
+        """``P z_iᵀ Q_i diag(gain(e_i)) Q_iᵀ z_i d_i`` for rows ``z`` ``(m, k, D)``: a rank-k map per sample."""
         zp = z if metric is None else z * metric
-        e, q = _eigh(zp @ z.transpose(1, 2))            # (m, k), (m, k, k)
+        e, q = _eigh(zp @ z.transpose(1, 2))                        # (m, k), (m, k, k)
         coef = torch.einsum("id,ikd->ik", d, z)
         coef = torch.einsum("ikl,il,ijl,ij->ik", q, gain(e.clamp(min=0)), q, coef)
         return torch.einsum("ik,ikd->id", coef, zp)
 
-    def _advance(self, dt: float, rates: Rates, steps: Optional[int]) -> None:
-        inj = self._injection(rates).to(self.delta.dtype)
-        metric = None if rates.metric is None else rates.metric.to(self.delta.dtype)
-        if steps is None:
-            d = self.delta + 0.5 * dt * inj
-            d = expm_lowrank_apply(d, self._rows(rates), metric, dt)
-            d = d + self._own_restore(rates, d, metric, lambda e: _psi(e, dt))
-            standin_gain = lambda e: -_phi(e, dt)
-            tail = 0.5 * dt * inj
-        else:
-            d, tail = self._discrete(dt, steps, rates, inj, metric)
-            h = dt / steps
-            standin_gain = lambda e: ((1 - (h * e).clamp(max=2.0)) ** steps - 1) / torch.where(e > 0, e, torch.ones_like(e)) * (e > 0) - steps * h * (e <= 0)
-        if rates.standin_jac is not None:
-            # A paired stand-in z'_i is in the training set of run i: it contracts δ_i.
-            zs = (_sqrt_psd(rates.standin_hessian) @ rates.standin_jac).to(d.dtype) / math.sqrt(self.config.n_train)
-            d = d + self._own_restore(rates, d, metric, standin_gain, z=zs)
-        factor = self._decay_factor(rates, dt)
-        if factor is not None:
-            d = d * factor
-        self.delta = d + tail
+    def _advance(self, dt: float, rates: Rates, steps: Optional[int], end: Rates) -> None:
+        """Advance every δ_i over ``dt``: ``δ_i = δ_i(0) + dt·inj_i + P Zᵀ Q b_i`` (see :func:`_integrate`).
 
-    def _discrete(self, dt: float, steps: int, rates: Rates, inj: Tensor, metric: Optional[Tensor]):
-        """N steps of the optimizer map ``δ ← (I − hP H_{S∖i}) δ + h·inj``, ``h = dt/N``.
-
-        In the eigenbasis of ``Z P Zᵀ`` the N-step factor is ``(1 − h e)^N``; ``h e`` is capped at 2
-        (the edge of stability, where a real optimizer stops contracting a direction). The own
-        sample's share is removed exactly for N = 1 and by a multiplicative split for N > 1.
-        The injected term is the exact discrete sum ``Σ_s (I − hPH)^s h·inj``.
+        The D-dimensional state is touched twice per interval, whatever the number of sub-steps.
         """
-        h = dt / steps
-        rows = self._rows(rates)
+        dtype = self.delta.dtype
+        inj = self._injection(rates).to(dtype)
+        inj_end = self._injection(end).to(dtype)
+        metric = None if rates.metric is None else rates.metric.to(dtype)
+        rows = self._rows(rates)                                    # (R, D)
         zp = rows if metric is None else rows * metric
-        e, q = _eigh(zp @ rows.T)
-        x = (h * e).clamp(min=0.0, max=2.0)
-        mult = (1 - x) ** steps
-        safe = torch.where(x > 1e-12, e, torch.ones_like(e))
-        coef = torch.where(x > 1e-12, (1 - mult) / safe, steps * h * torch.ones_like(e))  # f(e)
-        old = self.delta
-        d = old - (((old @ rows.T) @ q) * coef) @ q.T @ zp
-        total = steps * h
-        extra = torch.where(x > 1e-12, (coef - total) / safe, -0.5 * steps * (steps - 1) * h * h * torch.ones_like(e))
-        tail = total * inj + (((inj @ rows.T) @ q) * extra) @ q.T @ zp
-        gain = lambda ev: ((1 + h * ev).clamp(max=math.exp(30.0 / steps)) ** steps - 1) / torch.where(ev > 0, ev, torch.ones_like(ev)) * (ev > 0) + steps * h * (ev <= 0)
-        base = old if steps == 1 else d
-        return d + self._own_restore(rates, base, metric, gain), tail
+        e, q = _eigh(zp @ rows.T)                                   # (R,), (R, R)
+        e = e.clamp(min=0)
+        m, k, _ = rates.probe_jac.shape
+        q_own = q[rows.shape[0] - m * k:].reshape(m, k, -1)         # Q rows of each own row, (m, k, R)
+        a = (self.delta @ rows.T) @ q                               # (m, R)
+        b, w = _integrate(a, (inj @ rows.T) @ q, (inj_end @ rows.T) @ q, e, q_own, dt, steps)
+        d = self.delta + dt * ((1 - w) * inj + w * inj_end) + (b @ q.T) @ zp
+        if rates.standin_jac is not None:
+            # A paired stand-in z'_i is in the training set of run i: it contracts δ_i too.
+            zs = (_sqrt_psd(rates.standin_hessian) @ rates.standin_jac).to(dtype) / math.sqrt(self.config.n_train)
+            if steps is None:
+                gain = lambda ev: -_phi(ev, dt)
+            else:
+                h = dt / steps
+                gain = lambda ev: ((1 - (h * ev).clamp(max=2.0)) ** steps - 1) / torch.where(ev > 0, ev, torch.ones_like(ev)) * (ev > 0) - dt * (ev <= 0)
+            d = d + self._rank_k_update(self.delta, zs, metric, gain)
+        if rates.decay is not None:
+            d = d * torch.exp(-dt * torch.as_tensor(rates.decay, dtype=dtype, device=d.device))
+        self.delta = d
 
     def _own_outputs(self, rates: Rates) -> Tensor:
         return torch.einsum("ikd,id->ik", rates.probe_jac.to(self.delta.dtype), self.delta)
@@ -514,28 +515,24 @@ class FunctionSpaceEngine(_Engine):
                 cols = cols - (cols.sum(2, keepdim=True) - cols) / (m - 1)
         return cols / cfg.n_train
 
-    def _advance(self, dt: float, rates: KernelRates, steps: Optional[int]) -> None:
+    def _advance(self, dt: float, rates: KernelRates, steps: Optional[int], end: KernelRates) -> None:
+        """``u^(i) = u^(i)(0) + dt·inj^(i) + w Θ L Q b_i`` with ``Q diag(e) Qᵀ = w Lᵀ Θ L``, Λ = L Lᵀ."""
         m, k, _ = self.u.shape
         w = 1.0 / m
         theta = rates.theta.to(self.u.dtype).reshape(m * k, m * k)
-        half = _sqrt_psd(rates.hessian.to(self.u.dtype))            # (m, k, k)
-        lower = torch.block_diag(*half)                             # L with Λ = L Lᵀ
-        inj = self._injection_cols(rates).reshape(m * k, m)
-        u = self.u.reshape(m * k, m) + 0.5 * dt * inj
-        # exp(−dt w Θ L Lᵀ) = I − Θ L Q φ Qᵀ Lᵀ w   (push-through with Q e Qᵀ = w Lᵀ Θ L)
+        lower = torch.block_diag(*_sqrt_psd(rates.hessian.to(self.u.dtype)))   # (mk, mk)
         tl = theta @ lower
         e, q = _eigh(w * lower.T @ tl)
-        u = u - w * tl @ (q * _phi(e.clamp(min=0), dt)) @ q.T @ (lower.T @ u)
-        # Undo own-sample contraction per column: exp(+dt w Θ_{:,i} L_i L_iᵀ E_iᵀ).
-        tl_cols = tl.reshape(m * k, m, k)                           # Θ_{:,i} L_i
-        own = torch.einsum("ilk,il->ik", half, u.reshape(m, k, m).diagonal(dim1=0, dim2=2).T)  # L_iᵀ u_i
-        blk = torch.stack([half[i].T @ rates.theta.to(u.dtype)[i, :, i, :] @ half[i] for i in range(m)])
-        e2, q2 = _eigh(w * blk)
-        coef = torch.einsum("ikl,il,ijl,ij->ik", q2, _psi(e2.clamp(min=0), dt), q2, own)
-        u = u + w * torch.einsum("aik,ik->ai", tl_cols, coef)
+        e = e.clamp(min=0)
+        u = self.u.reshape(m * k, m).T                              # (m columns, mk)
+        inj = self._injection_cols(rates).reshape(m * k, m).T
+        inj_end = self._injection_cols(end).reshape(m * k, m).T
+        q_own = q.reshape(m, k, m * k)                              # own block of column i
+        b, wt = _integrate((u @ lower) @ q, (inj @ lower) @ q, (inj_end @ lower) @ q, e, q_own, dt, steps)
+        u = u + dt * ((1 - wt) * inj + wt * inj_end) + w * (b @ q.T) @ tl.T
         if rates.decay:
             u = u * math.exp(-dt * float(rates.decay))
-        self.u = (u + 0.5 * dt * inj).reshape(m, k, m)
+        self.u = u.T.reshape(m, k, m)
 
     def _own_outputs(self, rates: KernelRates) -> Tensor:
         return self.u.diagonal(dim1=0, dim2=2).T                    # (m, k): U[i, :, i]

@@ -42,6 +42,10 @@ blocks (and across both sides of a cross-kernel), otherwise the inner side is re
 block. An out-of-memory error (``torch.OutOfMemoryError`` or a ``RuntimeError`` saying "out of
 memory") restarts the computation with half the chunk.
 
+The flat Jacobian (:func:`flat_jacobian`, ``(m, k, P)``) materializes every handled parameter's
+per-sample gradients from the same captured factors, written straight into its columns of one
+preallocated output (no Gram, no form choice).
+
 Sketches (:func:`sketched_jacobian`) use a count-sketch per parameter with the composite hash
 ``h(o, i) = (h_row(o) + h_col(i)) mod s`` and sign ``σ_row(o)·σ_col(i)`` over the parameter viewed
 as ``(shape[0], prod(shape[1:]))``. For a factored weight without preconditioner this equals the
@@ -212,7 +216,7 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
         # it loop over cotangents op by op. Replicating the batch is then the faster single pass.
         # (Only the warnings matter here, not the values.)
         outs = [rec[lp.name][0][1] for lp in layers]
-        cot = torch.eye(k, dtype=out.dtype, device=out.device).unsqueeze(1)
+        cot = torch.eye(k, dtype=out.dtype, device=out.device)[:2].unsqueeze(1)  # 2 cotangents do
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.autograd.grad(out, outs, cot, allow_unused=True, is_grads_batched=True)
@@ -244,18 +248,23 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
     return Plan(tuple(layers), fallback, shapes, stats, act, outn, k, replicate)
 
 
-def _chunk_contributions(model: nn.Module, plan: Plan, x: Tensor, cot: Optional[Tensor]):
+def _chunk_contributions(model: nn.Module, plan: Plan, x: Tensor, cot: Optional[Tensor], *, loop: bool = False):
     """Per-parameter contributions of handled layers on one chunk.
 
     Args:
         cot: cotangents ``(q, c, k)`` or ``None`` for the ``k`` unit vectors; or a callable
             ``out_flat -> cotangents``.
+        loop: run one backward per cotangent (``retain_graph``), each written into a
+            ``(c, q, *out)`` buffer, instead of the batched backward or the replicated batch. For
+            models whose batched backward would loop op by op anyway (convolutions: the vmap of
+            ``is_grads_batched`` has no batching rule for ``convolution_backward``), this skips
+            its per-op slicing, cloning and concatenation and yields contiguous output-gradients.
 
     Returns:
         full name -> :class:`Dense` / :class:`Outer`.
     """
     c = x.shape[0]
-    rep = plan.replicate and not callable(cot) and (cot is None or cot.shape[0] > 1)
+    rep = not loop and plan.replicate and not callable(cot) and (cot is None or cot.shape[0] > 1)
     with capture(plan.layers) as rec, torch.enable_grad():
         if rep:
             q0 = plan.k if cot is None else cot.shape[0]
@@ -278,6 +287,19 @@ def _chunk_contributions(model: nn.Module, plan: Plan, x: Tensor, cot: Optional[
     elif cot.shape[0] == 1:
         grads = torch.autograd.grad(out, outs, cot[0], allow_unused=True)
         grads = [None if g is None else g.unsqueeze(1) for g in grads]
+    elif loop:
+        q = cot.shape[0]
+        grads = [None] * len(outs)
+        for i in range(q):
+            gi = torch.autograd.grad(out, outs, cot[i], allow_unused=True, retain_graph=i < q - 1)
+            for j, g in enumerate(gi):
+                if g is None:
+                    if grads[j] is not None:
+                        grads[j][:, i].zero_()
+                    continue
+                if grads[j] is None:
+                    grads[j] = g.new_zeros((c, q) + tuple(g.shape[1:])) if i else g.new_empty((c, q) + tuple(g.shape[1:]))
+                grads[j][:, i].copy_(g)
     else:
         grads = torch.autograd.grad(out, outs, cot, allow_unused=True, is_grads_batched=True)
         grads = [None if g is None else g.transpose(0, 1) for g in grads]
@@ -921,14 +943,35 @@ def _empty_output(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return out
 
 
-def _restrict_plan(plan: Plan, names: Sequence[str], strict: bool) -> Plan:
-    """Keep the hooked layers (and their parameters) among ``names``; the rest of ``names`` falls back."""
+@contextlib.contextmanager
+def _report_vmap_fallbacks() -> Iterator[None]:
+    """Let the (legacy) vmap behind ``is_grads_batched`` warn when an op has no batching rule.
+
+    Off by default in PyTorch; :func:`make_plan` looks for these warnings to learn whether the
+    batched backward would loop over cotangents op by op. The global flag is restored on exit.
+    """
+    get = getattr(torch._C, "_debug_only_are_vmap_fallback_warnings_enabled", None)
+    put = getattr(torch._C, "_debug_only_display_vmap_fallback_warnings", None)
+    if get is None or put is None:  # pragma: no cover - other torch versions
+        yield
+        return
+    old = get()
+    put(True)
+    try:
+        yield
+    finally:
+        put(old)
+
+
+def _restrict_plan(plan: Plan, params: Mapping[str, Tensor], strict: bool) -> Plan:
+    """Keep the hooked layers (and their parameters) among ``params``; the rest of them falls back."""
+    names = list(params)
     wanted = set(names)
     layers = []
     for lp in plan.layers:
-        params = tuple(p for p in lp.params if p[1] in wanted)
-        if params:
-            layers.append(dataclasses.replace(lp, params=params))
+        kept = tuple(p for p in lp.params if p[1] in wanted)
+        if kept:
+            layers.append(dataclasses.replace(lp, params=kept))
     covered = {full for lp in layers for _, full in lp.params}
     fallback = tuple(n for n in names if n not in covered)
     if strict and fallback:
@@ -938,7 +981,8 @@ def _restrict_plan(plan: Plan, names: Sequence[str], strict: bool) -> Plan:
             "or unsupported layer types/configurations). Use method='auto' to send them through the "
             "reference path, or register a handler with gramhook.kernel.layers.register."
         )
-    return dataclasses.replace(plan, layers=tuple(layers), fallback=fallback)
+    shapes = {**plan.shapes, **{n: tuple(p.shape) for n, p in params.items()}}  # names may be frozen
+    return dataclasses.replace(plan, layers=tuple(layers), fallback=fallback, shapes=shapes)
 
 
 def _write_outer(c: Outer, dst: Tensor) -> None:
@@ -962,14 +1006,39 @@ def _write_outer(c: Outer, dst: Tensor) -> None:
         else:
             view.copy_(b * a)
         return
-    for g in range(G):
-        a_g = c.a[:, g]  # (n, T, d_in)
-        for i in range(q):
-            b_gi = c.b[:, i, g].transpose(1, 2)  # (n, d_out, T)
-            if same:
-                torch.bmm(b_gi, a_g, out=view[:, i, g])
+    # Σ_t over positions: per sample one GEMM (q·d_out × T) @ (T × d_in) per group. The q output
+    # rows of a sample are P apart in ``dst``, so a few samples at a time are gathered (their
+    # output-gradients made contiguous) and multiplied into a small cache-resident buffer, then
+    # copied out; CPU bmm loops over its batch anyway, and M = q·d_out beats q GEMMs of d_out rows.
+    per_sample = q * d_out * d_in
+    if per_sample > _WRITE_BLOCK_ELEMS or not same:
+        for g in range(G):
+            a_g = c.a[:, g]  # (n, T, d_in)
+            for i in range(q):
+                b_gi = c.b[:, i, g].transpose(1, 2)  # (n, d_out, T)
+                if same:
+                    torch.bmm(b_gi, a_g, out=view[:, i, g])
+                else:
+                    view[:, i, g].copy_(torch.bmm(b_gi, a_g))
+        return
+    step = max(1, min(n, _WRITE_BLOCK_ELEMS // per_sample, _WRITE_BLOCK_ELEMS // max(1, q * d_out * T)))
+    # Narrow inputs (first convolutions: d_in = C_in·kernel) make GEMMs with few columns; there the
+    # transposed product (d_in × T) @ (T × q·d_out) is faster even with its transposing copy-out.
+    transposed = d_in < 128 and d_in < q * d_out and T >= 32
+    buf = c.b.new_empty((step, d_in, q * d_out) if transposed else (step, q * d_out, d_in))
+    for s0 in range(0, n, step):
+        s1 = min(n, s0 + step)
+        for g in range(G):
+            bb = c.b[s0:s1, :, g].transpose(2, 3).reshape(s1 - s0, q * d_out, T)
+            if transposed:
+                tmp = torch.bmm(c.a[s0:s1, g].transpose(1, 2), bb.transpose(1, 2), out=buf[: s1 - s0])
+                view[s0:s1, :, g].copy_(tmp.view(s1 - s0, d_in, q, d_out).permute(0, 2, 3, 1))
             else:
-                view[:, i, g].copy_(torch.bmm(b_gi, a_g))
+                tmp = torch.bmm(bb, c.a[s0:s1, g], out=buf[: s1 - s0])
+                view[s0:s1, :, g].copy_(tmp.view(s1 - s0, q, d_out, d_in))
+
+
+_WRITE_BLOCK_ELEMS = 1 << 19  # elements of the per-block GEMM buffer (2 MiB in float32)
 
 
 def flat_jacobian(
@@ -986,12 +1055,19 @@ def flat_jacobian(
 
     Same contract as :func:`gramhook.kernel.reference.flat_jacobian`: shape ``(m, k, P)``, the
     parameters of ``names`` (default: every ``requires_grad`` parameter, in ``named_parameters()``
-    order) in that order. Per chunk: one forward with hooks, one batched backward of the ``k`` unit
-    cotangents to the handled layers' outputs, then each handled parameter's per-sample gradients
-    are formed from its layer's input and output-gradients directly in their columns of a
-    preallocated output (a batched GEMM over positions for convolutions and sequences, a broadcast
-    outer product for flat Linear layers). Parameters without a handler (and ``names`` that are not
-    ``requires_grad``) take the reference torch.func path for their own columns only.
+    order) in that order, eval mode, flags restored, no ``.grad`` touched, no hook left behind.
+
+    Per chunk of samples: one forward with hooks, one batched backward of the ``k`` unit cotangents
+    to the handled layers' outputs (or, when that batched backward would loop over the cotangents op
+    by op anyway — convolutions have no batching rule there — ``k`` plain backward passes on the
+    retained graph, which skips vmap's slicing, cloning and concatenation), then each handled
+    parameter's per-sample gradients are formed from its layer's input and output-gradients
+    directly in their columns of the preallocated output: a broadcast outer product for flat
+    Linear layers, blocked GEMMs over positions for convolutions and sequences
+    (:func:`_write_outer`), a copy for biases and norm affines, a scatter for Embedding.
+    Parameters without a handler (and ``names`` that are not ``requires_grad``) take the reference
+    torch.func path for their own columns only. Large CPU outputs use transparent huge pages
+    (:data:`USE_HUGE_PAGES`).
 
     ``memory_budget`` bounds the transient memory per chunk (captured activations, output
     gradients, unfolded inputs, reference-path Jacobians); the output itself is not counted.
@@ -1018,15 +1094,20 @@ def flat_jacobian(
                 scales[n] = preconditioner[n].reshape(-1).to(device=device, dtype=dtype) ** power
     m = x.shape[0]
     with _ref.eval_mode(model):
-        plan = _restrict_plan(make_plan(model, x), names, strict)
+        with _report_vmap_fallbacks():
+            plan = make_plan(model, x)
+        # The batched backward would loop over the k cotangents op by op (e.g. convolutions):
+        # loop over them ourselves, without vmap's slicing and concatenation.
+        loop = plan.replicate
+        plan = _restrict_plan(dataclasses.replace(plan, replicate=False), params, strict)
         k = plan.k
         out = _empty_output((m, k, total), dtype, device)
         forms = {full: "ghost" for lp in plan.layers for _, full in lp.params}
 
         def fill(xs: Tensor, dst: Tensor) -> None:
             if plan.layers:
-                contribs = _chunk_contributions(model, plan, xs, None)
-                with _no_autocast(device):
+                contribs = _chunk_contributions(model, plan, xs, None, loop=loop)
+                with _no_autocast(device), torch.no_grad():
                     for name, c in contribs.items():
                         lo, hi = offsets[name]
                         d = dst[:, :, lo:hi]

@@ -1,0 +1,109 @@
+"""Speed of the flat per-sample Jacobian ``(m, k, P)``; prints a markdown table.
+
+For each model (probe of ``m`` samples, ``k`` outputs, ``P`` parameters), timed in one process:
+
+- ``limit``: the physical limit, one forward plus ``k`` backward passes (parameter gradients,
+  summed over the probe) — the work the Jacobian needs, without writing ``m·k·P`` numbers;
+- ``fast``: ``flat_jacobian(method="auto")``;
+- ``reference``: ``flat_jacobian(method="reference")`` (torch.func ``vmap(jacrev)``);
+- ``write``: allocating the ``(m, k, P)`` output the way the fast path does and filling it once,
+  the floor for any method that returns it (it dominates when ``m·k·P`` is large, e.g. the MLP).
+
+Times are the best of ``--repeat`` runs (the reference: one run) after a warm-up.
+
+Usage::
+
+    python benchmarks/jacobian.py                 # mlp and cnn, m=128, k=10
+    python benchmarks/jacobian.py --m 64 --repeat 5
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+
+from gramhook.data import mlp, small_cnn
+from gramhook.kernel import flat_jacobian
+from gramhook.kernel.assemble import _empty_output
+
+
+def build(name: str, m: int, k: int) -> Tuple[nn.Module, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "mlp":
+        return mlp(784, 256, k), torch.randn(m, 1, 28, 28, generator=g)
+    if name == "cnn":
+        return small_cnn(1, k), torch.randn(m, 1, 28, 28, generator=g)
+    raise ValueError(f"unknown model {name!r}; choose from mlp, cnn")
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+        del out
+    return best
+
+
+def physical_limit(net: nn.Module, x: torch.Tensor, k: int):
+    """One forward and ``k`` backward passes (parameter gradients) over ``x``."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    out = net(x).reshape(x.shape[0], -1)
+    grads = None
+    for a in range(k):
+        grads = torch.autograd.grad(out[:, a].sum(), params, retain_graph=a < k - 1)
+    return grads
+
+
+def run(name: str, m: int, k: int, repeat: int, skip_reference: bool) -> Dict[str, object]:
+    net, x = build(name, m, k)
+    net.eval()
+    P = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    flat_jacobian(net, x[:2])  # warm-up
+    flat_jacobian(net, x[:2], method="reference")
+    physical_limit(net, x[:2], k)
+    r: Dict[str, object] = {"model": name, "m": m, "k": k, "P": P}
+    r["limit"] = best_time(lambda: physical_limit(net, x, k), repeat)
+    r["fast"] = best_time(lambda: flat_jacobian(net, x, method="auto"), repeat)
+    r["write"] = best_time(lambda: _empty_output((m, k, P), torch.float32, torch.device("cpu")).fill_(1.0), repeat)
+    r["reference"] = float("nan") if skip_reference else best_time(
+        lambda: flat_jacobian(net, x, method="reference"), 1)
+    return r
+
+
+def table(rows) -> str:
+    lines = ["| model | m | k | P | limit (s) | fast (s) | reference (s) | fast/limit | ref/fast | write (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['m']} | {r['k']} | {r['P']:,} | {r['limit']:.4f} | {r['fast']:.4f} "
+            f"| {r['reference']:.3f} | {r['fast'] / r['limit']:.2f} | {r['reference'] / r['fast']:.1f} "
+            f"| {r['write']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    p.add_argument("--m", type=int, default=128)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: shared machines)")
+    p.add_argument("--skip-reference", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    rows = [run(name, args.m, args.k, args.repeat, args.skip_reference) for name in args.models]
+    print(f"\ntorch {torch.__version__}, cpu ({torch.get_num_threads()} thread), float32\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
