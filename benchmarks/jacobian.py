@@ -9,7 +9,8 @@ For each model (probe of ``m`` samples, ``k`` outputs, ``P`` parameters), timed 
 - ``write``: allocating the ``(m, k, P)`` output the way the fast path does and filling it once,
   the floor for any method that returns it (it dominates when ``m·k·P`` is large, e.g. the MLP).
 
-Times are the best of ``--repeat`` runs (the reference: one run) after a warm-up.
+Times are the best of ``--repeat`` rounds after a warm-up; each round runs limit, fast and write
+back to back, so that all three see the same machine load (the reference: best of two runs).
 
 Usage::
 
@@ -41,14 +42,12 @@ def build(name: str, m: int, k: int) -> Tuple[nn.Module, torch.Tensor]:
     raise ValueError(f"unknown model {name!r}; choose from mlp, cnn")
 
 
-def best_time(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-        del out
-    return best
+def once(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t0
+    del out
+    return dt
 
 
 def physical_limit(net: nn.Module, x: torch.Tensor, k: int):
@@ -68,12 +67,17 @@ def run(name: str, m: int, k: int, repeat: int, skip_reference: bool) -> Dict[st
     flat_jacobian(net, x[:2])  # warm-up
     flat_jacobian(net, x[:2], method="reference")
     physical_limit(net, x[:2], k)
-    r: Dict[str, object] = {"model": name, "m": m, "k": k, "P": P}
-    r["limit"] = best_time(lambda: physical_limit(net, x, k), repeat)
-    r["fast"] = best_time(lambda: flat_jacobian(net, x, method="auto"), repeat)
-    r["write"] = best_time(lambda: _empty_output((m, k, P), torch.float32, torch.device("cpu")).fill_(1.0), repeat)
-    r["reference"] = float("nan") if skip_reference else best_time(
-        lambda: flat_jacobian(net, x, method="reference"), 1)
+    fns = {
+        "limit": lambda: physical_limit(net, x, k),
+        "fast": lambda: flat_jacobian(net, x, method="auto"),
+        "write": lambda: _empty_output((m, k, P), torch.float32, torch.device("cpu")).fill_(1.0),
+    }
+    r: Dict[str, object] = {"model": name, "m": m, "k": k, "P": P, **{n: float("inf") for n in fns}}
+    for _ in range(repeat):
+        for n, fn in fns.items():
+            r[n] = min(r[n], once(fn))
+    r["reference"] = float("nan") if skip_reference else min(
+        once(lambda: flat_jacobian(net, x, method="reference")) for _ in range(2))
     return r
 
 
@@ -94,7 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     p.add_argument("--m", type=int, default=128)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: shared machines)")
     p.add_argument("--skip-reference", action="store_true")
     args = p.parse_args(argv)

@@ -58,7 +58,7 @@ class MonitorConfig:
     every: Schedule = None
     probe_size: Optional[int] = None
     coordinates: Union[str, int] = "auto"
-    reference_size: int = 64
+    reference_size: int = 32
     mode: str = "loo"
     effective_gram_size: int = 32
     method: str = "auto"
@@ -220,7 +220,6 @@ class GramMonitor:
         self.history: List[Dict[str, float]] = []
         self.step = 0
         self._elapsed = 0.0
-        self._steps_since = 0
         self._monitor_seconds = 0.0
         self._started = time.perf_counter()
         self._reported: set = set()
@@ -282,7 +281,6 @@ class GramMonitor:
 
     def _on_step(self, optimizer, args, kwargs):
         self.step += 1
-        self._steps_since += 1
         try:
             self._elapsed += step_dt(optimizer)
         except Exception as exc:
@@ -305,8 +303,9 @@ class GramMonitor:
         finally:
             self._monitor_seconds += time.perf_counter() - start
         record["monitor_seconds"] = time.perf_counter() - start
-        wall = time.perf_counter() - self._started
-        record["overhead"] = self._monitor_seconds / max(wall - self._monitor_seconds, 1e-9)
+        outside = time.perf_counter() - self._started - self._monitor_seconds
+        # Monitor time over the user's time since the monitor was attached; undefined before any step.
+        record["overhead"] = self._monitor_seconds / outside if self.step > 0 and outside > 0 else math.nan
         self.history.append(record)
         if self.sink is not None:
             self._write(record)
@@ -341,9 +340,10 @@ class GramMonitor:
         if rates.ref_jac is None and self.n_train > self.probe.x.shape[0]:
             # Nothing captured yet: the probe itself stands for the other samples too.
             rates.ref_jac, rates.ref_hessian = rates.probe_jac, rates.hessian
-        steps = self._steps_since if (self.history and self._steps_since) else None
-        est = self.engine.measure(self._elapsed if self.history else 0.0, rates, steps=steps)
-        self._elapsed, self._steps_since = 0.0, 0
+        # The continuous flow: across THEORY §7's checks it tracked leave-one-out better than the
+        # discrete optimizer map whenever the kernel moves (tanh MLP +0.5% against +9%).
+        est = self.engine.measure(self._elapsed if self.history else 0.0, rates)
+        self._elapsed = 0.0
         train_loss = float(self.loss(rates.outputs, self.probe.y).mean())
         gaps = est.per_sample
         if not torch.isfinite(gaps).all():
@@ -466,7 +466,6 @@ class GramMonitor:
         return {
             "step": self.step,
             "elapsed": self._elapsed,
-            "steps_since": self._steps_since,
             "history": [dict(h) for h in self.history],
             "engine": self.engine.state_dict(),
             "effective": None if self.effective is None else self.effective.state_dict(),
@@ -479,7 +478,6 @@ class GramMonitor:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self._elapsed = state["elapsed"]
-        self._steps_since = state["steps_since"]
         self.history = [dict(h) for h in state["history"]]
         self.engine.load_state_dict(state["engine"])
         if self.effective is not None and state["effective"] is not None:

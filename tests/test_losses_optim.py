@@ -428,12 +428,6 @@ def test_perturbation_factor_single_sample_is_nan():
     assert math.isnan(perturbation_factor(torch.ones(1, 4, dtype=F64), None, 10))
 
 
-@pytest.mark.xfail(
-    reason="gramhook/measure.py compute_rates ignores metric.names: engine_jacobian/flat_metric/"
-    "_flat_decay use every requires_grad parameter, so an optimizer over a subset gives a KeyError "
-    "(Adam) or silently adds untrained parameters (SGD). Fix: pass names=metric.names through.",
-    strict=False,
-)
 @pytest.mark.parametrize("kind", ["SGD", "Adam"])
 def test_rates_only_cover_parameters_the_optimizer_trains(kind):
     model, x_fn = make("mlp", k=K)

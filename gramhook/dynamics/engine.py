@@ -357,10 +357,11 @@ class ParameterSpaceEngine(_Engine):
         parts = []
         if rates.ref_jac is not None and rates.ref_jac.shape[0] > 0:
             b, k, d = rates.ref_jac.shape
-            # Rows sqrt(e) vᵀ J_b from Λ_b = V diag(e) Vᵀ; directions with e ≈ 0 (always one for
-            # softmax cross-entropy, most of them for confident predictions) carry no contraction.
+            # Rows sqrt(e) vᵀ J_b from Λ_b = V diag(e) Vᵀ. Directions with e below 1e-3 of the
+            # batch's largest (always one for softmax cross-entropy, most of them for confident
+            # predictions) carry almost no contraction and are dropped: R sets the O(R²·D) cost.
             e, v = _eigh(rates.ref_hessian.to(self.delta.dtype))
-            keep = e > 1e-6 * e.max().clamp(min=1e-30)
+            keep = e > 1e-3 * e.max().clamp(min=1e-30)
             rows = torch.einsum("bke,bkd->bed", v * e.clamp(min=0).sqrt().unsqueeze(1), rates.ref_jac.to(self.delta.dtype))
             parts.append(rows[keep] * math.sqrt(rates.ref_weight / b))
         m, k, d = rates.probe_jac.shape

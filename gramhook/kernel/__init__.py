@@ -1,10 +1,11 @@
-"""Empirical NTK and gradient Grams (THEORY §1).
+"""Empirical NTK, gradient Grams and per-sample Jacobians (THEORY §1).
 
 ``method="reference"`` contracts explicit torch.func Jacobians and works for any module; it is the
 ground truth. ``"auto"`` uses the per-layer handlers of :mod:`gramhook.kernel.layers` (assembled by
 :mod:`gramhook.kernel.assemble`) and sends each parameter without a handler through the reference
 path, parameter by parameter. ``"fast"`` is the same but raises if any trainable parameter lacks a
-handler, naming them.
+handler, naming them. The same three methods serve :func:`empirical_ntk`, :func:`gradient_gram`,
+:func:`sketched_jacobian` and :func:`flat_jacobian`.
 """
 from __future__ import annotations
 
