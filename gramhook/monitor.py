@@ -41,8 +41,10 @@ class MonitorConfig:
 
     Attributes:
         every: measure every this many optimizer steps, or a callable ``step -> bool``. ``None``
-            picks the default schedule: every step for the first 10 steps, then every 10 up to
-            step 200, then every 25. On the demo CNN this keeps overhead near 5%.
+            (the default) measures whenever the monitor's own time has fallen below
+            ``overhead`` times your time since it was attached, so the cost stays near that
+            budget on any model and machine. Pass an int for a reproducible cadence.
+        overhead: the cost budget of ``every=None``, monitor seconds per second of your loop.
         probe_size: probe samples m (default 128 on CPU, 512 on CUDA).
         coordinates: ``"exact"`` (δ in parameter coordinates), an int sketch dimension s, or
             ``"auto"``: exact while m·P·4 bytes stays under 512 MiB, else s = 4096.
@@ -56,6 +58,7 @@ class MonitorConfig:
     """
 
     every: Schedule = None
+    overhead: float = 0.05
     probe_size: Optional[int] = None
     coordinates: Union[str, int] = "auto"
     reference_size: int = 32
@@ -68,6 +71,8 @@ class MonitorConfig:
         if self.every is not None and not callable(self.every):
             if not isinstance(self.every, int) or self.every < 1:
                 raise ValueError(f"`every` must be a positive int or a callable step -> bool, got {self.every!r}.")
+        if not self.overhead > 0:
+            raise ValueError(f"`overhead` must be a positive fraction such as 0.05, got {self.overhead!r}.")
         if self.probe_size is not None and self.probe_size < 2:
             raise ValueError(f"`probe_size` must be at least 2, got {self.probe_size}.")
         if not (self.coordinates in ("auto", "exact") or (isinstance(self.coordinates, int) and self.coordinates > 0)):
@@ -77,15 +82,6 @@ class MonitorConfig:
         Mode(self.mode)
         if self.method not in kernel.METHODS:
             raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
-
-
-def default_schedule(step: int) -> bool:
-    """Dense early, when the kernel moves fast (THEORY §3), sparse later."""
-    if step <= 10:
-        return True
-    if step <= 200:
-        return step % 10 == 0
-    return step % 25 == 0
 
 
 class _Reservoir:
@@ -213,7 +209,6 @@ class GramMonitor:
         m_k = min(self.config.effective_gram_size, m)
         self.effective = EffectiveGram(self.n_train, dtype=dtype, device=self.device) if m_k >= 2 else None
         self._m_k = m_k
-        self._schedule = self._make_schedule(self.config.every)
         self._reservoir = _Reservoir(self.config.reference_size, self.config.seed)
         self._ref_gen = torch.Generator().manual_seed(self.config.seed + 2)
         self.sink = self._make_sink(logdir, compare_tag)
@@ -252,13 +247,14 @@ class GramMonitor:
             return x.to(self.device), None if y is None else y.to(self.device)
         raise TypeError(f"`{what}` must be a tensor of inputs or a pair (x, y), got {type(data).__name__}.")
 
-    @staticmethod
-    def _make_schedule(every: Schedule) -> Callable[[int], bool]:
+    def _due(self, step: int) -> bool:
+        every = self.config.every
         if every is None:
-            return default_schedule
+            user = time.perf_counter() - self._started - self._monitor_seconds
+            return self._monitor_seconds <= self.config.overhead * user
         if callable(every):
-            return lambda step: bool(every(step))
-        return lambda step: step % every == 0
+            return bool(every(step))
+        return step % every == 0
 
     @staticmethod
     def _make_sink(logdir, compare_tag):
@@ -285,7 +281,7 @@ class GramMonitor:
             self._elapsed += step_dt(optimizer)
         except Exception as exc:
             self._report("dt", exc)
-        if self._schedule(self.step):
+        if self._due(self.step):
             self.measure()
 
     # -- measurement --------------------------------------------------------------------------

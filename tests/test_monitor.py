@@ -304,3 +304,27 @@ def test_tensorboard_event_file_and_layout(tmp_path):
         "gramhook/predicted_test_loss", "gramhook/predicted_test_loss_lo", "gramhook/predicted_test_loss_hi")
     curves = " ".join(charts["Generalization (curves)"].multiline.tag)
     assert "test/loss" in curves and "train_loss" in curves
+
+
+def test_default_schedule_keeps_overhead_within_budget():
+    """every=None spaces measurements so monitor time stays near `overhead` × the loop's time."""
+    import time
+
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=N, probe_size=32, overhead=0.2)
+    start = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    while time.perf_counter() - start < 3.0:
+        idx = torch.randint(0, N, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        time.sleep(0.002)                       # a "real" training step takes a while
+    mon.close()
+    wall = time.perf_counter() - start
+    spent = sum(h["monitor_seconds"] for h in mon.history[1:])
+    assert len(mon.history) >= 3, "the budget leaves room for several measurements"
+    assert spent <= 0.2 * wall + max(h["monitor_seconds"] for h in mon.history), (spent, wall)
+    assert mon.step > 10 * len(mon.history), "and measurements are spaced out"
