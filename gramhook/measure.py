@@ -65,7 +65,7 @@ def engine_jacobian(
 ) -> Tensor:
     """Per-sample Jacobians in engine coordinates, ``(m, k, D)``."""
     if coordinates == "exact":
-        return kernel.flat_jacobian(model, x, names=metric.names, memory_budget=memory_budget)
+        return kernel.flat_jacobian(model, x, names=metric.names, method=method, memory_budget=memory_budget)
     return kernel.sketched_jacobian(
         model, x, int(coordinates), seed=seed, preconditioner=metric.preconditioner, method=method
     )

@@ -45,7 +45,7 @@ def run_engine(
     holdout=None,
     seed: int = 0,
     momentum: float = 0.0,
-    integrator: str = "discrete",
+    integrator: str = "exponential",
 ) -> EngineRun:
     """Train ``problem`` and integrate an engine; measurements every ``every`` steps.
 

@@ -23,16 +23,26 @@ def linear():
     return problem, checkpoints, loo, repl
 
 
+@pytest.mark.parametrize("integrator", ["discrete", "exponential"])
 @pytest.mark.parametrize("engine", ["param", "function"])
-def test_linear_full_probe_matches_loo(linear, engine):
-    """Issue test 2: probe = training set, full-batch GD; both engines within 1% of LOO."""
+def test_linear_full_probe_matches_loo(linear, engine, integrator):
+    """Issue test 2: probe = training set, full-batch GD; both engines within 1% of LOO.
+
+    The discrete optimizer map is exact here; the continuous flow (the monitor's integrator) lags
+    gradient descent by O(lr), within 1% from t = 400 on (the issue's 1% holds for the map only).
+    """
     problem, checkpoints, loo, _ = linear
-    run = run_engine(problem, 0.5, 400, checkpoints, engine=engine)
+    run = run_engine(problem, 0.5, 400, checkpoints, engine=engine, integrator=integrator)
     for t in checkpoints:
         truth, est = loo[t].mean().item(), run.gaps[t].mean().item()
-        print(f"[{engine}] t={t}: LOO {truth:.4f} engine {est:.4f} ({_rel(est, truth):+.2%})")
-        assert abs(_rel(est, truth)) < 0.01
-        torch.testing.assert_close(run.gaps[t], loo[t], rtol=0.05, atol=2e-3)
+        print(f"[{engine}, {integrator}] t={t}: LOO {truth:.4f} engine {est:.4f} ({_rel(est, truth):+.2%})")
+        # The flow differs from gradient descent by O(lr): −3.3% at t=25, −1.5% at t=100, −0.8% at t=400.
+        bound = 0.01 if integrator == "discrete" else (0.04 if t < 100 else 0.016)
+        assert abs(_rel(est, truth)) < bound
+        if integrator == "discrete":
+            torch.testing.assert_close(run.gaps[t], loo[t], rtol=1e-6, atol=1e-9)
+        else:
+            assert torch.corrcoef(torch.stack([run.gaps[t], loo[t]]))[0, 1] > 0.99
 
 
 def test_linear_discrete_integrator_is_exact_for_gradient_descent(linear):
@@ -58,7 +68,8 @@ def test_linear_replace_one_matches_brute_force(linear):
 def test_linear_replace_one_probe_standin(linear):
     """Replace-one with the other probe samples as stand-in: the estimator THEORY §2 uses by default."""
     problem, checkpoints, _, repl = linear
-    run = run_engine(problem, 0.5, 400, checkpoints, engine="function", mode="replace", standin="probe")
+    run = run_engine(problem, 0.5, 400, checkpoints, engine="function", mode="replace", standin="probe",
+                     integrator="discrete")
     for t in checkpoints[2:]:
         truth, est = repl[t].mean().item(), run.gaps[t].mean().item()
         print(f"replace-one (probe stand-in) t={t}: brute {truth:.4f} engine {est:.4f} ({_rel(est, truth):+.2%})")
@@ -75,9 +86,9 @@ def test_linear_cadence_function_engine(linear):
     """
     problem, _, _, _ = linear
     checkpoints = [100, 200, 300, 400]
-    dense = run_engine(problem, 0.5, 400, checkpoints, engine="function", every=1, integrator="exponential")
+    dense = run_engine(problem, 0.5, 400, checkpoints, engine="function", every=1)
     for every, bound in ((5, 0.02), (25, 0.10)):
-        sparse = run_engine(problem, 0.5, 400, checkpoints, engine="function", every=every, integrator="exponential")
+        sparse = run_engine(problem, 0.5, 400, checkpoints, engine="function", every=every)
         for t in checkpoints:
             a, b = dense.gaps[t].mean().item(), sparse.gaps[t].mean().item()
             print(f"cadence t={t}: every=1 {a:.4f} every={every} {b:.4f} ({_rel(b, a):+.2%})")
@@ -93,10 +104,10 @@ def test_tanh_mlp_cross_entropy():
     """
     problem = bf.tanh_mlp_problem()
     loo = bf.loo_gaps(problem, 2.0, 300, [300])[300].mean().item()
-    param = run_engine(problem, 2.0, 300, [300], engine="param", integrator="exponential").gaps[300].mean().item()
+    param = run_engine(problem, 2.0, 300, [300], engine="param").gaps[300].mean().item()
     print(f"tanh MLP t=300: LOO {loo:.4f} engine (a) {param:.4f} ({_rel(param, loo):+.1%})")
     assert abs(_rel(param, loo)) < 0.03
-    function = run_engine(problem, 2.0, 300, [300], engine="function", integrator="exponential").gaps[300].mean().item()
+    function = run_engine(problem, 2.0, 300, [300], engine="function").gaps[300].mean().item()
     print(f"tanh MLP t=300: engine (b) {function:.4f} ({_rel(function, loo):+.1%}) [known failure, not asserted]")
 
 
@@ -107,7 +118,7 @@ def sgd_run():
     batches = bf.make_batches(256, 32, 600, problem.generator)
     probe = torch.randperm(256, generator=problem.generator)[:48]
     loo = bf.loo_gaps(problem, 0.5, 300, [300], samples=probe, batches=batches)[300]
-    exact = run_engine(problem, 0.5, 300, [300], probe=probe, batches=batches, integrator="exponential")
+    exact = run_engine(problem, 0.5, 300, [300], probe=probe, batches=batches)
     return problem, batches, probe, loo, exact
 
 
@@ -130,8 +141,7 @@ def test_sgd_minibatch_probe_subset_matches_coupled_loo(sgd_run):
 def test_sgd_sketched_coordinates_match_exact(sgd_run):
     """Sketched coordinates (count-sketch, s = 4096, P ≈ 18k) within 5% of exact coordinates."""
     problem, batches, probe, _, exact = sgd_run
-    sketched = run_engine(problem, 0.5, 300, [300], probe=probe, batches=batches, coordinates=4096,
-                          integrator="exponential")
+    sketched = run_engine(problem, 0.5, 300, [300], probe=probe, batches=batches, coordinates=4096)
     a, b = exact.gaps[300].mean().item(), sketched.gaps[300].mean().item()
     print(f"SGD t=300: exact {a:.4f} sketched s=4096 {b:.4f} ({_rel(b, a):+.1%})")
     assert abs(_rel(b, a)) < 0.05

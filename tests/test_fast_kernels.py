@@ -515,3 +515,12 @@ def test_flat_jacobian_backward_mode(name, loop, monkeypatch):
     _assert_jac_equal(flat_jacobian(net, x), ref.flat_jacobian(net, x))
     assert modes == [loop]
     assert not torch._C._debug_only_are_vmap_fallback_warnings_enabled()  # global flag restored
+
+
+def test_flat_jacobian_large_output_buffer():
+    """Outputs of 32 MiB or more are advised as huge pages on Linux: still an ordinary tensor."""
+    n = (40 << 20) // 4
+    t = assemble._empty_output((n // 8, 8), torch.float32, torch.device("cpu"))
+    assert t.shape == (n // 8, 8) and t.is_contiguous() and t.storage_offset() == 0
+    t.fill_(2.0)
+    assert t.sum().item() == 2.0 * n
