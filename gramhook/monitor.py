@@ -20,7 +20,7 @@ from . import kernel
 from .dynamics.effective_gram import EffectiveGram
 from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin
 from .losses import resolve_loss
-from .measure import compute_rates, probe_outputs
+from .measure import compute_rates
 from .optim import check_optimizer, read_optimizer, step_dt
 from .probe import check_probe_against_model, default_probe_size, make_probe
 

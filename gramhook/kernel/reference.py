@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from ..losses import Loss, per_sample_losses, resolve_loss
+from ..losses import per_sample_losses, resolve_loss
 
 Preconditioner = Optional[Mapping[str, Tensor]]
 
