@@ -47,7 +47,8 @@ class MonitorConfig:
         overhead: the cost budget of ``every=None``, monitor seconds per second of your loop.
         probe_size: probe samples m (default 128 on CPU, 512 on CUDA).
         coordinates: ``"exact"`` (δ in parameter coordinates), an int sketch dimension s, or
-            ``"auto"``: exact while m·P·4 bytes stays under 512 MiB, else s = 4096.
+            ``"auto"``: exact while the probe Jacobians (m·k·P floats) stay under 64 MiB, else
+            s = 4096.
         reference_size: training inputs per reference batch (captured or from ``reference``).
         mode: ``"loo"`` or ``"replace"`` (replace-one with the other probe samples, or the
             holdout when given, as stand-in).
@@ -200,7 +201,8 @@ class GramMonitor:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         coords = self.config.coordinates
         if coords == "auto":
-            coords = "exact" if m * n_params * 4 <= 512 * 2**20 else 4096
+            # Exact coordinates hold (m, k, P) Jacobians and cost O(R²·P) per measurement.
+            coords = "exact" if m * self.k * n_params * 4 <= 64 * 2**20 else 4096
         self.coordinates = coords
         dim = n_params if coords == "exact" else int(coords)
         dtype = next(model.parameters()).dtype

