@@ -12,16 +12,17 @@ trajectory, and read out the exact loss difference ``g_i = ℓ(f_i + u_i, y_i) �
   exact in the kernel regime when the probe is the whole training set, and is the baseline.
 
 Time stepping. A measurement at time t supplies :class:`Rates` evaluated at the current weights.
-The engine first advances the state over the elapsed interval with the rates of the *previous*
-measurement (left endpoint, which makes every-step cadence match discrete gradient descent),
-then reads out through the current Jacobian.
+The engine first advances the state over the elapsed interval with the contraction of the
+*previous* measurement (left endpoint) and an injection rate interpolated from the previous to the
+current one, then reads out through the current Jacobian. Given the number of optimizer steps in
+the interval it integrates the discrete optimizer map instead of the flow (exact for gradient
+descent with a fixed kernel). See :func:`_integrate`.
 
 Contraction operator. Rows ``Z`` stack ``sqrt(w)·Λ_j^{1/2} J_j`` for the reference batch (weight
 ``w = ref_weight/B`` each, the reference standing for the non-probe share of the data) and for
 every probe sample (weight 1/n each). The probe's own rows are always in ``Z``, so sample i's own
 share ``(1/n) J_iᵀ Λ_i J_i`` can be taken out exactly: the own sample must never contract its own
-perturbation (THEORY §3, "the exclusion is essential"). See
-:meth:`ParameterSpaceEngine._advance` for the integrator.
+perturbation (THEORY §3, "the exclusion is essential").
 """
 from __future__ import annotations
 
