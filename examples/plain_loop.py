@@ -30,7 +30,7 @@ def main(epochs: int = 20, n_train: int = 1000, logdir="runs/plain_loop", seed: 
 
     # gramhook, added line 1 of 2: hooks the optimizer and measures inside opt.step(). By default
     # it measures whenever that keeps its cost under 5% of the loop; this toy model trains in
-    # milliseconds per step, so the example asks for one measurement per epoch (16 steps) instead.
+    # milliseconds per step, so the example asks for about one measurement per epoch instead.
     monitor = GramMonitor(model, opt, probe=(x_train, y_train), n_train=n_train, logdir=logdir,
                           probe_size=64, every=n_train // 64)
 
