@@ -355,7 +355,7 @@ class GramMonitor:
             "predicted_gap_se": est.se,
             "predicted_test_loss": train_loss + est.mean,
             "contraction": est.contraction,
-            "perturbation": self.engine.perturbation(rates) if self.coordinates == "exact" else est.perturbation,
+            "perturbation": est.perturbation,
             "alignment": math.nan,
             "benign_fraction": math.nan,
             "kernel_fidelity": math.nan,

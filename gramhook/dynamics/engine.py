@@ -378,8 +378,10 @@ class ParameterSpaceEngine(_Engine):
         return rates.cache["own"]
 
     def _grads(self, rates: Rates) -> Tensor:
-        """Per-sample loss gradients ``J_iᵀ r_i`` ``(m, D)``."""
-        return torch.einsum("ikd,ik->id", rates.probe_jac, rates.residual.to(rates.probe_jac.dtype))
+        """Per-sample loss gradients ``J_iᵀ r_i`` ``(m, D)``, computed once per rates."""
+        if "grads" not in rates.cache:
+            rates.cache["grads"] = torch.einsum("ikd,ik->id", rates.probe_jac, rates.residual.to(rates.probe_jac.dtype))
+        return rates.cache["grads"]
 
     def _injection(self, rates: Rates) -> Tensor:
         """``P (∇ℓ_i − ∇ℓ') / n`` ``(m, D)``."""
