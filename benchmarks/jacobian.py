@@ -42,9 +42,13 @@ def build(name: str, m: int, k: int) -> Tuple[nn.Module, torch.Tensor]:
     raise ValueError(f"unknown model {name!r}; choose from mlp, cnn")
 
 
-def once(fn: Callable[[], object]) -> float:
+def once(fn: Callable[[], object], cuda: bool = False) -> float:
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
+    if cuda:
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     del out
     return dt
@@ -60,24 +64,28 @@ def physical_limit(net: nn.Module, x: torch.Tensor, k: int):
     return grads
 
 
-def run(name: str, m: int, k: int, repeat: int, skip_reference: bool) -> Dict[str, object]:
+def run(name: str, m: int, k: int, repeat: int, skip_reference: bool, device: str = "cpu") -> Dict[str, object]:
     net, x = build(name, m, k)
+    net, x = net.to(device), x.to(device)
+    cuda = x.device.type == "cuda"
     net.eval()
     P = sum(p.numel() for p in net.parameters() if p.requires_grad)
     flat_jacobian(net, x[:2])  # warm-up
     flat_jacobian(net, x[:2], method="reference")
     physical_limit(net, x[:2], k)
+    if cuda:
+        flat_jacobian(net, x)
     fns = {
         "limit": lambda: physical_limit(net, x, k),
         "fast": lambda: flat_jacobian(net, x, method="auto"),
-        "write": lambda: _empty_output((m, k, P), torch.float32, torch.device("cpu")).fill_(1.0),
+        "write": lambda: _empty_output((m, k, P), torch.float32, x.device).fill_(1.0),
     }
     r: Dict[str, object] = {"model": name, "m": m, "k": k, "P": P, **{n: float("inf") for n in fns}}
     for _ in range(repeat):
         for n, fn in fns.items():
-            r[n] = min(r[n], once(fn))
+            r[n] = min(r[n], once(fn, cuda))
     r["reference"] = float("nan") if skip_reference else min(
-        once(lambda: flat_jacobian(net, x, method="reference")) for _ in range(2))
+        once(lambda: flat_jacobian(net, x, method="reference"), cuda) for _ in range(2))
     return r
 
 
@@ -101,11 +109,14 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (1: shared machines)")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*batching rule.*")
-    rows = [run(name, args.m, args.k, args.repeat, args.skip_reference) for name in args.models]
-    print(f"\ntorch {torch.__version__}, cpu ({torch.get_num_threads()} thread), float32\n")
+    rows = [run(name, args.m, args.k, args.repeat, args.skip_reference, args.device) for name in args.models]
+    dev = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+           else f"cpu ({torch.get_num_threads()} thread)")
+    print(f"\ntorch {torch.__version__}, {dev}, float32\n")
     print(table(rows))
 
 

@@ -125,13 +125,13 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(fn: Callable[[], object], repeat: int = 1) -> Tuple[float, int]:
+def measure(fn: Callable[[], object], repeat: int = 1, cuda: bool = False) -> Tuple[float, int]:
     """(best wall time in s, peak extra memory in bytes) of ``fn()``."""
     best = float("inf")
     peak_extra = 0
     for _ in range(repeat):
         _trim()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base_cuda = torch.cuda.memory_allocated()
@@ -148,14 +148,14 @@ def measure(fn: Callable[[], object], repeat: int = 1) -> Tuple[float, int]:
         th.start()
         t0 = time.perf_counter()
         out = fn()
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         stop.set()
         th.join()
         peak[0] = max(peak[0], _rss())
         extra = peak[0] - base
-        if torch.cuda.is_available():
+        if cuda:
             extra = torch.cuda.max_memory_allocated() - base_cuda
         del out
         best = min(best, dt)
@@ -176,21 +176,29 @@ def physical_limit(net: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
 def run(name: str, m: int, args) -> Dict[str, object]:
     torch.manual_seed(0)
     net, x = build(name, m, args.k, args)
+    net, x = net.to(args.device), x.to(args.device)
     net.eval()
-    y = torch.randint(0, args.k, (m,))
+    y = torch.randint(0, args.k, (m,)).to(args.device)
+    cuda = x.device.type == "cuda"
     nparams = sum(p.numel() for p in net.parameters())
     # warm up every path once (thread pools, allocator)
     empirical_ntk(net, x[:2])
     physical_limit(net, x[:2], args.k)
     r = {"model": name, "m": m, "k": args.k, "params": nparams}
-    r["limit_s"], r["limit_mem"] = measure(lambda: physical_limit(net, x, args.k), args.repeat)
-    r["fast_s"], r["fast_mem"] = measure(lambda: empirical_ntk(net, x, method="auto"), args.repeat)
-    r["gram_s"], _ = measure(lambda: gradient_gram(net, "cross_entropy", x, y, method="auto"), args.repeat)
-    r["sketch_s"], r["sketch_mem"] = measure(lambda: sketched_jacobian(net, x, args.s, method="auto"), args.repeat)
+    if cuda:  # warm the full-size kernels too (cuDNN/cuBLAS plans, allocator)
+        t0 = time.perf_counter()
+        empirical_ntk(net, x, method="auto")
+        sketched_jacobian(net, x, args.s, method="auto")
+        print(f"  {name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    r["limit_s"], r["limit_mem"] = measure(lambda: physical_limit(net, x, args.k), args.repeat, cuda)
+    r["fast_s"], r["fast_mem"] = measure(lambda: empirical_ntk(net, x, method="auto"), args.repeat, cuda)
+    r["gram_s"], _ = measure(lambda: gradient_gram(net, "cross_entropy", x, y, method="auto"), args.repeat, cuda)
+    r["sketch_s"], r["sketch_mem"] = measure(lambda: sketched_jacobian(net, x, args.s, method="auto"), args.repeat, cuda)
+    print(f"  {name}: limit {r['limit_s']:.4f} s, fast {r['fast_s']:.4f} s, sketch {r['sketch_s']:.4f} s", flush=True)
     if args.skip_reference:
         r["ref_s"], r["ref_mem"] = float("nan"), 0
     else:
-        r["ref_s"], r["ref_mem"] = measure(lambda: empirical_ntk(net, x, method="reference"), 1)
+        r["ref_s"], r["ref_mem"] = measure(lambda: empirical_ntk(net, x, method="reference"), 1, cuda)
     return r
 
 
@@ -226,6 +234,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--quick", action="store_true", help="m=32, m-big=8, one repeat")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if args.quick:
         args.m, args.m_big, args.repeat = 32, 8, 1
@@ -236,8 +245,9 @@ def main(argv=None) -> None:
     for name in args.models:
         m = args.m if name in ("mlp", "cnn") else args.m_big
         rows.append(run(name, m, args))
-        print(f"done {name}", flush=True)
-    dev = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    dev = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+           else f"cpu ({torch.get_num_threads()} threads)")
     print(f"\ntorch {torch.__version__}, {dev}, float32, sketch s={args.s}\n")
     print(table(rows))
 

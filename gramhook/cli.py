@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the batches (default: 0)")
     demo.add_argument("--threads", type=_positive_int, default=None,
                       help="torch intra-op threads (default: torch's choice)")
+    demo.add_argument("--device", default="auto",
+                      help="where the model, the data and the monitor run: cpu, cuda, cuda:1, ... (default: cuda when available)")
     demo.add_argument("--logdir", type=Path, default=None,
                       help="TensorBoard log directory (default: runs/demo-<timestamp>)")
     demo.add_argument("--quick", action="store_true",
@@ -148,6 +150,20 @@ def _rel_error(row: Dict[str, float]) -> float:
     return abs(pred - meas) / meas
 
 
+def _device(text: str):
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise DemoError(f"--device {text!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError(f"--device {text}: this PyTorch build sees no CUDA device; use --device cpu")
+    return device
+
+
 def _default_logdir() -> Path:
     return Path("runs") / f"demo-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -184,6 +200,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         x_train, y_train, x_test, y_test = mnist_tensors(n_train=args.n_train, seed=args.seed)
     except ValueError as exc:
         raise DemoError(f"--n-train: {exc}") from exc
+    device = _device(args.device)
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
     n_train, n_test = x_train.shape[0], x_test.shape[0]
     if args.loss == "mse":
         t_train = F.one_hot(y_train, 10).to(torch.float32)
@@ -199,7 +217,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         def batch_loss(out, target):
             return F.cross_entropy(out, target)
 
-    model = small_cnn()
+    model = small_cnn().to(device)
     n_params = sum(p.numel() for p in model.parameters())
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     if args.optimizer == "sgd":
@@ -229,7 +247,8 @@ def _run_demo(args: argparse.Namespace) -> int:
           f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps)")
     print(f"  monitor    probe_size={probe_size}, every={every} steps -> {n_measurements} measurements "
           f"(step 0 and the last step included), should_stop(patience={args.patience})")
-    print(f"  threads    {torch.get_num_threads()}")
+    print(f"  device     {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                                      f", {torch.get_num_threads()} threads"))
     print(f"  logdir     {logdir}")
     print()
 

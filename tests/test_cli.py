@@ -142,3 +142,13 @@ def test_plain_loop_example(tmp_path, capsys):
     assert "predicted test" in out and "measured test" in out
     assert monitor.history and math.isfinite(monitor.predicted_test_loss)
     assert "gramhook/predicted_test_loss" in _scalars(tmp_path)
+
+
+def test_device_option(tmp_path, capsys):
+    out = _run(capsys, "--logdir", str(tmp_path), "--no-plot", "--threads", "1", "--device", "cpu")
+    assert "device     cpu" in out
+    assert cli.main(["demo", "--quick", "--device", "tpu9"]) == 1
+    assert "--device 'tpu9'" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        assert cli.main(["demo", "--quick", "--device", "cuda"]) == 1
+        assert "--device cpu" in capsys.readouterr().err

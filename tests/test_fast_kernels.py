@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import pytest
@@ -524,3 +525,39 @@ def test_flat_jacobian_large_output_buffer():
     assert t.shape == (n // 8, 8) and t.is_contiguous() and t.storage_offset() == 0
     t.fill_(2.0)
     assert t.sum().item() == 2.0 * n
+
+
+def test_auto_autotunes_on_listed_devices(monkeypatch):
+    """On an autotuned device, ``auto`` times both exact paths once per signature and keeps the faster."""
+    import gramhook.kernel as K
+
+    net, x, _ = _build("mlp", dtype=torch.float64)
+    monkeypatch.setattr(K, "AUTOTUNE_DEVICES", {"cpu"})
+    monkeypatch.setattr(K, "_choices", __import__("weakref").WeakKeyDictionary())
+    want = ref.empirical_ntk(net, x)
+    calls = []
+    for name in ("empirical_ntk", "flat_jacobian"):
+        for module, tag in ((K._fast, "fast"), (K._reference, "reference")):
+            real = getattr(module, name)
+
+            def spy(*a, _real=real, _tag=tag, _name=name, **kw):
+                calls.append((_name, _tag))
+                if _tag == "reference":
+                    time.sleep(0.05)  # make the reference the slower one
+                return _real(*a, **kw)
+
+            monkeypatch.setattr(module, name, spy)
+    for _ in range(3):
+        assert rel(K.empirical_ntk(net, x), want) < TOL[torch.float64]
+    assert [c for c in calls if c[0] == "empirical_ntk"] == [("empirical_ntk", "fast"), ("empirical_ntk", "reference")] + [("empirical_ntk", "fast")] * 2
+    assert list(K._choices[net].values()) == ["fast"]
+    # A new shape is a new signature; a failing reference keeps the fast path.
+    monkeypatch.setattr(K._reference, "flat_jacobian", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no rule")))
+    assert K.flat_jacobian(net, x[:3]).shape[0] == 3
+    assert K._choices[net][("jacobian",) + K._signature(x[:3], None, 0.0, None, K.DEFAULT_MEMORY_BUDGET)] == "fast"
+
+
+def test_auto_keeps_the_fast_path_on_cpu_by_default():
+    import gramhook.kernel as K
+
+    assert "cpu" not in K.AUTOTUNE_DEVICES

@@ -5,9 +5,17 @@ ground truth. ``"auto"`` uses the per-layer handlers of :mod:`gramhook.kernel.la
 :mod:`gramhook.kernel.assemble`) and sends each parameter without a handler through the reference
 path, parameter by parameter. ``"fast"`` is the same but raises if any trainable parameter lacks a
 handler, naming them. The same three methods serve :func:`empirical_ntk`, :func:`gradient_gram`,
-:func:`sketched_jacobian` and :func:`flat_jacobian`.
+:func:`sketched_jacobian` and :func:`flat_jacobian`. On CUDA, ``"auto"`` times the fast and the
+reference path on the first call of each signature and keeps the faster (see
+:data:`AUTOTUNE_DEVICES`); both are exact, so only the speed differs.
 """
 from __future__ import annotations
+
+import time
+import weakref
+from typing import Callable, Dict
+
+import torch
 
 from .reference import (
     DEFAULT_MEMORY_BUDGET,
@@ -22,6 +30,14 @@ from . import assemble as _fast
 from . import reference as _reference
 
 METHODS = ("auto", "reference", "fast")
+
+# Devices on which ``method="auto"`` times both paths on the first call of each (function, model,
+# shapes, dtypes) and keeps the faster one. On an H200 the reference was 3–9× slower than the
+# fast path on an MLP and a small CNN, but 4–7× *faster* on a ResNet-18 layout and a transformer
+# (benchmarks/kernels.py), so a fixed rule is wrong on GPUs. On CPU the fast path stays the rule:
+# the reference costs O(m·k·P) memory and one slow first call per shape.
+AUTOTUNE_DEVICES = {"cuda"}
+_choices: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[tuple, str]]" = weakref.WeakKeyDictionary()
 
 __all__ = [
     "METHODS",
@@ -44,6 +60,54 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
 
 
+def _signature(*values) -> tuple:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append((tuple(v.shape), v.dtype, v.device))
+        elif isinstance(v, dict):
+            out.append(tuple(sorted(v)))
+        else:
+            out.append(v if isinstance(v, (int, float, str, tuple, type(None))) else type(v).__name__)
+    return tuple(out)
+
+
+def _timed(fn: Callable[[], torch.Tensor], device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def _auto(kind: str, model, x: torch.Tensor, key: tuple, fast: Callable[[], torch.Tensor],
+          reference: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``method="auto"``: the fast path, or on :data:`AUTOTUNE_DEVICES` the path that was faster
+    on the first call with the same function, model, shapes and options (both are exact)."""
+    if x.device.type not in AUTOTUNE_DEVICES:
+        return fast()
+    try:
+        table = _choices.setdefault(model, {})
+    except TypeError:  # pragma: no cover - a model that cannot be weakly referenced
+        return fast()
+    key = (kind,) + key
+    choice = table.get(key)
+    if choice == "reference":
+        return reference()
+    if choice == "fast":
+        return fast()
+    out, t_fast = _timed(fast, x.device)
+    try:
+        ref_out, t_ref = _timed(reference, x.device)
+    except Exception:  # the reference path failed (memory, an op without a batching rule): keep fast
+        table[key] = "fast"
+        return out
+    table[key] = "reference" if t_ref < t_fast else "fast"
+    return ref_out if t_ref < t_fast else out
+
+
 def empirical_ntk(model, x1, x2=None, *, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
     """Empirical NTK in the optimizer metric.
 
@@ -63,10 +127,19 @@ def empirical_ntk(model, x1, x2=None, *, preconditioner=None, method="auto", mem
     torch.Size([5, 2, 5, 2])
     """
     _check_method(method)
-    if method == "reference":
+
+    def reference():
         return _reference.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget)
-    return _fast.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget,
-                               strict=method == "fast")
+
+    def fast():
+        return _fast.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget,
+                                   strict=method == "fast")
+
+    if method == "reference":
+        return reference()
+    if method == "fast":
+        return fast()
+    return _auto("ntk", model, x1, _signature(x1, x2, preconditioner, memory_budget), fast, reference)
 
 
 def gradient_gram(model, loss, x, y, *, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
@@ -82,10 +155,19 @@ def gradient_gram(model, loss, x, y, *, preconditioner=None, method="auto", memo
     torch.Size([6, 6])
     """
     _check_method(method)
-    if method == "reference":
+
+    def reference():
         return _reference.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget)
-    return _fast.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget,
-                               strict=method == "fast")
+
+    def fast():
+        return _fast.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget,
+                                   strict=method == "fast")
+
+    if method == "reference":
+        return reference()
+    if method == "fast":
+        return fast()
+    return _auto("gram", model, x, _signature(x, y, loss, preconditioner, memory_budget), fast, reference)
 
 
 def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, method="auto",
@@ -109,11 +191,21 @@ def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, metho
     torch.Size([5, 2, 26])
     """
     _check_method(method)
-    if method == "reference":
+
+    def reference():
         return _reference.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
                                         memory_budget=memory_budget)
-    return _fast.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
-                               memory_budget=memory_budget, strict=method == "fast")
+
+    def fast():
+        return _fast.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
+                                   memory_budget=memory_budget, strict=method == "fast")
+
+    if method == "reference":
+        return reference()
+    if method == "fast":
+        return fast()
+    key = _signature(x, preconditioner, power, tuple(names) if names is not None else None, memory_budget)
+    return _auto("jacobian", model, x, key, fast, reference)
 
 
 def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):

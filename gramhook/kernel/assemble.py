@@ -432,7 +432,9 @@ def _reference_jacobians(model: nn.Module, xs: Tensor, names: Sequence[str], mem
         ctx = sdpa_kernel([SDPBackend.MATH])
     except ImportError:  # pragma: no cover - older torch
         ctx = contextlib.nullcontext()
-    with ctx:
+    # Outside autocast: torch.func's batched backward can mix half and float grads under CUDA
+    # fp16 autocast; the few fallback parameters are computed in their own dtype instead.
+    with ctx, _no_autocast(xs.device):
         return _ref.per_sample_jacobians(model, xs, names=list(names), memory_budget=memory_budget)
 
 
