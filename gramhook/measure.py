@@ -66,9 +66,14 @@ def engine_jacobian(
     """Per-sample Jacobians in engine coordinates, ``(m, k, D)``."""
     if coordinates == "exact":
         return kernel.flat_jacobian(model, x, names=metric.names, method=method, memory_budget=memory_budget)
-    return kernel.sketched_jacobian(
-        model, x, int(coordinates), seed=seed, preconditioner=metric.preconditioner, method=method
-    )
+    # Parameters the optimizer does not train do not move: P = 0 on them.
+    trained = set(metric.names)
+    pre = metric.preconditioner
+    others = {n: p for n, p in kernel.trainable_parameters(model).items() if n not in trained}
+    if others:
+        pre = dict(pre) if pre is not None else {n: torch.ones_like(p) for n, p in model.named_parameters() if n in trained}
+        pre.update({n: torch.zeros_like(p) for n, p in others.items()})
+    return kernel.sketched_jacobian(model, x, int(coordinates), seed=seed, preconditioner=pre, method=method)
 
 
 def compute_rates(

@@ -439,3 +439,22 @@ def test_rates_only_cover_parameters_the_optimizer_trains(kind):
     rates = compute_rates(model, resolve_loss("mse"), x, y, metric, coordinates="exact")
     n_trained = sum(p.numel() for p in model[2].parameters())
     assert rates.probe_jac.shape == (M, K, n_trained)
+
+
+def test_sketched_engine_coordinates_leave_out_parameters_the_optimizer_does_not_train():
+    """A parameter with requires_grad but outside the optimizer does not move: sketches without it."""
+    from gramhook.measure import engine_jacobian
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    opt = torch.optim.SGD(list(model[2].parameters()), lr=0.1)  # layer 0 requires grad, untrained
+    got = engine_jacobian(model, x, 512, read_optimizer(opt, model), seed=3)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    want = engine_jacobian(model, x, 512, read_optimizer(opt, model), seed=3)
+    assert torch.allclose(got, want, atol=1e-12)
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    all_params = engine_jacobian(model, x, 512, read_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model), seed=3)
+    assert not torch.allclose(all_params, want, atol=1e-6)
