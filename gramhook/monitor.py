@@ -22,6 +22,7 @@ from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin
 from .losses import resolve_loss
 from .measure import compute_rates
 from .optim import check_optimizer, read_optimizer, step_dt
+from .dynamics.aggregate import regression_estimate
 from .probe import check_probe_against_model, default_probe_size, make_probe
 
 __all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
@@ -29,7 +30,7 @@ __all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
 HISTORY_KEYS = (
     "step", "time", "train_loss", "predicted_gap", "predicted_gap_se", "predicted_test_loss",
     "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
-    "effective_gram_gap", "monitor_seconds", "overhead",
+    "effective_gram_gap", "monitor_seconds", "overhead", "probe_train_loss", "probe_gap", "gap_slope",
 )
 
 Schedule = Union[int, Callable[[int], bool], None]
@@ -55,6 +56,11 @@ class MonitorConfig:
         effective_gram_size: m_K, the sub-probe size for the effective Gram matrix K_n
             (0 disables it).
         method: kernel method, ``"auto"``, ``"fast"`` or ``"reference"``.
+        train_sample_size: labelled training samples (a superset of the probe, drawn from the same
+            ``probe`` data) whose loss, one forward pass per measurement, estimates the train
+            loss; the probe's gap is then corrected by its regression on the per-sample train
+            loss (a regression estimator, :func:`gramhook.dynamics.aggregate.regression_estimate`). ``0`` (or any size ≤ the
+            probe) uses the probe alone.
         seed: seed of the probe choice, sketch and reference sampling (private generators).
     """
 
@@ -66,6 +72,7 @@ class MonitorConfig:
     mode: str = "loo"
     effective_gram_size: int = 32
     method: str = "auto"
+    train_sample_size: int = 1024
     seed: int = 0
 
     def __post_init__(self):
@@ -78,6 +85,8 @@ class MonitorConfig:
             raise ValueError(f"`probe_size` must be at least 2, got {self.probe_size}.")
         if not (self.coordinates in ("auto", "exact") or (isinstance(self.coordinates, int) and self.coordinates > 0)):
             raise ValueError(f"`coordinates` must be 'auto', 'exact' or a positive sketch size, got {self.coordinates!r}.")
+        if isinstance(self.train_sample_size, bool) or not isinstance(self.train_sample_size, int) or self.train_sample_size < 0:
+            raise ValueError(f"`train_sample_size` must be a non-negative int (0 disables it), got {self.train_sample_size!r}.")
         if self.reference_size < 1:
             raise ValueError(f"`reference_size` must be positive, got {self.reference_size}.")
         Mode(self.mode)
@@ -185,6 +194,13 @@ class GramMonitor:
         self.k = check_probe_against_model(model, self.probe, self.loss)
         self.loss = self.loss.with_out_shape(self._out_shape())
         m = self.probe.x.shape[0]
+        # The same seed draws the same permutation, so the train sample contains the probe.
+        self.train_sample = None
+        if self.config.train_sample_size > m:
+            sample, _ = make_probe(probe, size=self.config.train_sample_size, n_train=n_train,
+                                   seed=self.config.seed, device=self.device)
+            if sample.x.shape[0] > m:
+                self.train_sample = sample
         self.holdout = self._tensors(holdout, "holdout", labelled=True)
         self.reference = self._tensors(reference, "reference", labelled=False)
         if self.loss.hessian_needs_target and (self.reference is None or self.reference[1] is None):
@@ -342,18 +358,25 @@ class GramMonitor:
         # discrete optimizer map whenever the kernel moves (tanh MLP +0.5% against +9%).
         est = self.engine.measure(self._elapsed if self.history else 0.0, rates)
         self._elapsed = 0.0
-        train_loss = float(self.loss(rates.outputs, self.probe.y).mean())
+        probe_losses = self.loss(rates.outputs, self.probe.y).detach()
         gaps = est.per_sample
         if not torch.isfinite(gaps).all():
             raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
         self._last_gaps = gaps.detach().cpu()
+        sample_losses = None if self.train_sample is None else self._train_sample_losses()
+        if sample_losses is not None and not torch.isfinite(sample_losses).all():
+            raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
+        train_loss, gap, gap_se, slope = regression_estimate(probe_losses, gaps, sample_losses)
         record = {
             "step": self.step,
             "time": est.time,
             "train_loss": train_loss,
-            "predicted_gap": est.mean,
-            "predicted_gap_se": est.se,
-            "predicted_test_loss": train_loss + est.mean,
+            "predicted_gap": gap,
+            "predicted_gap_se": gap_se,
+            "predicted_test_loss": train_loss + gap,
+            "probe_train_loss": float(probe_losses.double().mean()),
+            "probe_gap": float(gaps.double().mean()),
+            "gap_slope": slope,
             "contraction": est.contraction,
             "perturbation": est.perturbation,
             "alignment": math.nan,
@@ -373,6 +396,13 @@ class GramMonitor:
             )
             self._last_spectrum = torch.linalg.eigvalsh(theta.reshape(self._m_k * self.k, -1) / self._m_k).cpu()
         return record
+
+    def _train_sample_losses(self) -> Tensor:
+        sample, out = self.train_sample, []
+        with torch.no_grad(), kernel.eval_mode(self.model):
+            for lo in range(0, sample.x.shape[0], 512):
+                out.append(self.loss(self.model(sample.x[lo:lo + 512]), sample.y[lo:lo + 512]).detach())
+        return torch.cat(out)
 
     def _sub_probe_ntk(self, rates) -> Tensor:
         """Θ on the first m_K probe samples from the engine's Jacobians ``(m_K, k, m_K, k)``."""
@@ -412,7 +442,7 @@ class GramMonitor:
 
     @property
     def train_loss(self) -> float:
-        """Loss on the probe (training samples, eval mode) at the last measurement."""
+        """Train loss (eval mode) at the last measurement: on the train sample, else the probe."""
         return self._latest("train_loss")
 
     @property

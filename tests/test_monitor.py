@@ -328,3 +328,34 @@ def test_default_schedule_keeps_overhead_within_budget():
     assert len(mon.history) >= 3, "the budget leaves room for several measurements"
     assert spent <= 0.2 * wall + max(h["monitor_seconds"] for h in mon.history), (spent, wall)
     assert mon.step > 3 * len(mon.history), "and measurements are spaced out"
+
+
+def test_train_sample_regression_estimate():
+    """The train loss comes from a larger labelled sample containing the probe, and the gap is the
+    probe's mean gap corrected along the regression of g on ℓ (gramhook.dynamics.aggregate)."""
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=64) as mon:
+        _train(model, opt, x, y, 30)
+        assert set(mon.probe.indices.tolist()) <= set(mon.train_sample.indices.tolist())
+        assert mon.train_sample.x.shape[0] == 64
+        h = mon.history[-1]
+        xs, ys = mon.train_sample.x, mon.train_sample.y
+        with torch.no_grad():
+            want_train = float(nn.functional.cross_entropy(model(xs), ys))
+            probe_losses = nn.functional.cross_entropy(model(mon.probe.x), mon.probe.y, reduction="none")
+        assert math.isclose(h["train_loss"], want_train, rel_tol=1e-5)
+        assert math.isclose(h["probe_train_loss"], float(probe_losses.mean()), rel_tol=1e-5)
+        g, lp = mon.per_sample_gap().double(), probe_losses.double()
+        slope = float(((lp - lp.mean()) * (g - g.mean())).sum() / ((lp - lp.mean()) ** 2).sum())
+        assert math.isclose(h["gap_slope"], min(max(slope, 0.0), 5.0), rel_tol=1e-4, abs_tol=1e-9)
+        want_gap = h["probe_gap"] + h["gap_slope"] * (h["train_loss"] - h["probe_train_loss"])
+        assert math.isclose(h["predicted_gap"], want_gap, rel_tol=1e-9, abs_tol=1e-12)
+        assert h["predicted_test_loss"] == h["train_loss"] + h["predicted_gap"]
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=0) as mon:
+        h = mon.history[-1]
+        assert mon.train_sample is None and h["gap_slope"] == 0.0
+        assert h["train_loss"] == h["probe_train_loss"] and h["predicted_gap"] == h["probe_gap"]
+    with pytest.raises(ValueError, match="train_sample_size"):
+        GramMonitor(model, opt, probe=(x, y), n_train=N, train_sample_size=-1)
