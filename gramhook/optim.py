@@ -58,12 +58,26 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             raise ValueError("gramhook does not support maximize=True: the gap engine assumes descent.")
 
 
-def _group_step(kind: str, group: dict) -> float:
+def _group_step(kind: str, group: dict, steps_taken: Optional[int] = None) -> float:
+    """Flow time of one step: the multiple of the gradient it moves the weights by.
+
+    SGD with momentum μ and dampening d keeps a buffer ``b`` (in units of the gradient) that
+    starts at 1 on the first step and tends to ``(1 − d)/(1 − μ)``; on its ``j``-th step from an
+    empty buffer (``steps_taken = j``) ``b_j = μ^(j−1) + (1 − d)(1 − μ^(j−1))/(1 − μ)``. The step
+    moves ``lr·b_j``, or ``lr·(1 + μ·b_j)`` with Nesterov. ``steps_taken=None``: the warm limit.
+    """
     lr = float(group["lr"])
     if kind == "SGD":
         mu = float(group.get("momentum", 0.0))
         damp = float(group.get("dampening", 0.0))
-        return lr * (1.0 - damp) / (1.0 - mu) if mu > 0 else lr
+        if mu <= 0:
+            return lr
+        if steps_taken is None:
+            buf = (1.0 - damp) / (1.0 - mu)
+        else:
+            warm = mu ** (max(int(steps_taken), 1) - 1)
+            buf = warm + (1.0 - damp) * (1.0 - warm) / (1.0 - mu)
+        return lr * (1.0 + mu * buf) if group.get("nesterov", False) else lr * buf
     return lr
 
 
@@ -129,6 +143,15 @@ def read_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> StepMe
     )
 
 
-def step_dt(optimizer: torch.optim.Optimizer) -> float:
-    """dt of the step just taken, from the first parameter group (cheap: no state is read)."""
-    return _group_step(type(optimizer).__name__, optimizer.param_groups[0])
+def step_dt(optimizer: torch.optim.Optimizer, steps_taken: Optional[int] = None) -> float:
+    """dt of the step just taken, from the first parameter group (cheap: no state is read).
+
+    ``steps_taken``: the number of steps since the momentum buffers were empty, this one included
+    (momentum start-up); ``None`` for a warm optimizer.
+    """
+    return _group_step(type(optimizer).__name__, optimizer.param_groups[0], steps_taken)
+
+
+def momentum_is_warm(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether an SGD optimizer already holds momentum buffers (a resumed or used optimizer)."""
+    return any(state.get("momentum_buffer") is not None for state in optimizer.state.values())

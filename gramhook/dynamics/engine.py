@@ -110,6 +110,11 @@ class Rates:
             mean ``(D,)``, or one holdout sample per probe sample ``(m, D)``.
         standin_jac, standin_hessian: with paired stand-ins, their Jacobians ``(m, k, D)`` and
             Hessians ``(m, k, k)``: z'_i joins the training set, so it contracts δ_i.
+        probe_weight: the weight of each probe row in the contraction, in units of 1/n. It is 1
+            when a reference batch stands for the other samples; with no reference batch the probe
+            stands for the whole training set and the monitor sets ``(n − 1)/(m − 1)``, so that the
+            other m − 1 probe samples carry the n − 1 others of each leave-one-out run. Sample i's
+            own row, whatever its weight, is excluded from its own contraction.
     """
 
     outputs: Tensor
@@ -125,6 +130,7 @@ class Rates:
     standin_grad: Optional[Tensor] = None
     standin_jac: Optional[Tensor] = None
     standin_hessian: Optional[Tensor] = None
+    probe_weight: float = 1.0
     cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def fields(self) -> dict:
@@ -370,11 +376,11 @@ class ParameterSpaceEngine(_Engine):
         return torch.cat(parts).to(self.delta.dtype)
 
     def _own_rows(self, rates: Rates) -> Tensor:
-        """``z_i = Λ_i^{1/2} J_i / sqrt(n)`` ``(m, k, D)``."""
+        """``z_i = Λ_i^{1/2} J_i · sqrt(probe_weight / n)`` ``(m, k, D)``."""
         if "own" not in rates.cache:
             half = _sqrt_psd(rates.hessian).to(self.delta.dtype)
             jac = rates.probe_jac.to(self.delta.dtype)
-            rates.cache["own"] = (half @ jac) / math.sqrt(self.config.n_train)
+            rates.cache["own"] = (half @ jac) * math.sqrt(rates.probe_weight / self.config.n_train)
         return rates.cache["own"]
 
     def _grads(self, rates: Rates) -> Tensor:
