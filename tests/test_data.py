@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gramhook.data import digits_tensors, mlp, mnist_tensors, small_cnn
+from gramhook.data import cnn1d, digits_tensors, mlp, mnist1d_tensors, mnist_tensors, small_cnn
 
 
 def _disjoint(x_tr, x_te):
@@ -85,3 +85,51 @@ def test_mlp_forward():
     model = mlp(64, hidden=32)
     assert model(torch.randn(5, 1, 8, 8)).shape == (5, 10)
     assert mlp(784)(torch.randn(2, 784)).shape == (2, 10)
+
+
+def test_cnn1d_shapes_and_size():
+    torch.manual_seed(0)
+    model = cnn1d()
+    assert 5_000 < sum(p.numel() for p in model.parameters()) < 30_000
+    x = torch.randn(7, 1, 40)
+    out = model(x)
+    assert out.shape == (7, 10)
+    torch.nn.functional.cross_entropy(out, torch.arange(7)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert cnn1d(in_length=64, num_classes=3)(torch.randn(2, 1, 64)).shape == (2, 3)
+    with pytest.raises(ValueError):
+        cnn1d(in_length=8)
+
+
+def test_mnist1d_tensors():
+    pytest.importorskip("mnist1d")
+    import random
+
+    import numpy as np
+
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    x_tr, y_tr, x_te, y_te = mnist1d_tensors(n_train=300, seed=0)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+    assert x_tr.shape == (300, 1, 40) and x_te.shape == (1000, 1, 40)
+    assert y_tr.shape == (300,) and y_te.shape == (1000,)
+    assert x_tr.dtype == torch.float32 and y_tr.dtype == torch.int64
+    assert set(y_te.tolist()) == set(range(10))
+    assert cnn1d()(x_tr[:4]).shape == (4, 10)
+    full = mnist1d_tensors(n_train=4000, seed=0)
+    assert torch.equal(full[2], x_te) and torch.equal(full[3], y_te)  # test = the whole test split
+    assert torch.equal(full[0][:300], x_tr)  # the subset is a prefix of the same permutation
+    other = mnist1d_tensors(n_train=300, seed=1)
+    assert not torch.equal(other[1], y_tr)
+    assert _disjoint(full[0], x_te)
+    with pytest.raises(ValueError):
+        mnist1d_tensors(n_train=4001)
+
+
+def test_mnist1d_missing_package_message(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mnist1d", None)
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(ImportError, match="pip install mnist1d"):
+        mnist1d_tensors(n_train=10)
