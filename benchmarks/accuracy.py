@@ -245,6 +245,19 @@ def batch_loss(cfg: Config, out, t):
     return F.mse_loss(out, t) if cfg.loss == "mse" else F.cross_entropy(out, t)
 
 
+def minibatches(n: int, batch_size: int, total: int, gen: torch.Generator):
+    """Index batches of ``total`` SGD steps: one ``randperm(n)`` from ``gen`` per epoch, sliced in
+    order (the batch order every run here shares, so that runs can be compared step for step)."""
+    step = 0
+    while step < total:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            if step >= total:
+                return
+            yield perm[i:i + batch_size]
+            step += 1
+
+
 def evaluate(cfg: Config, model, x, t) -> float:
     was = model.training
     model.eval()
@@ -336,23 +349,18 @@ def run_monitored(cfg: Config, data: Data, args, variant: str = "default") -> Di
     step, train_seconds = 0, 0.0
     model.train()
     try:
-        while step < total:
-            perm = torch.randperm(n, generator=gen)
-            for i in range(0, n, args.batch_size):
-                if step >= total:
-                    break
-                idx = perm[i:i + args.batch_size]
-                s = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                batch_loss(cfg, model(xtr[idx]), ttr[idx]).backward()
-                opt.step()
-                dt = time.perf_counter() - s
-                step += 1
-                new = monitor.history[seen:]
-                seen = len(monitor.history)
-                train_seconds += max(dt - sum(r["monitor_seconds"] for r in new), 0.0)
-                for r in new:
-                    on_measurement(r)
+        for idx in minibatches(n, args.batch_size, total, gen):
+            s = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            batch_loss(cfg, model(xtr[idx]), ttr[idx]).backward()
+            opt.step()
+            dt = time.perf_counter() - s
+            step += 1
+            new = monitor.history[seen:]
+            seen = len(monitor.history)
+            train_seconds += max(dt - sum(r["monitor_seconds"] for r in new), 0.0)
+            for r in new:
+                on_measurement(r)
         if not rows or rows[-1]["step"] != step:
             r = monitor.measure()
             if r is not None:
@@ -405,18 +413,13 @@ def run_holdout(cfg: Config, data: Data, args, init_state, every: int) -> Dict:
     check(0)
     step = 0
     model.train()
-    while step < total:
-        p = torch.randperm(n_fit, generator=gen)
-        for i in range(0, n_fit, args.batch_size):
-            if step >= total:
-                break
-            idx = p[i:i + args.batch_size]
-            opt.zero_grad(set_to_none=True)
-            batch_loss(cfg, model(xf[idx]), tf[idx]).backward()
-            opt.step()
-            step += 1
-            if step % every == 0 or step == total:
-                check(step)
+    for idx in minibatches(n_fit, args.batch_size, total, gen):
+        opt.zero_grad(set_to_none=True)
+        batch_loss(cfg, model(xf[idx]), tf[idx]).backward()
+        opt.step()
+        step += 1
+        if step % every == 0 or step == total:
+            check(step)
     if stop_step is None:  # never triggered: the user keeps the final model
         stop_step, stop_test = step, tests[-1]
     return dict(stop_step=stop_step, stop_test=stop_test, min_test=min(tests))

@@ -47,7 +47,6 @@ Outputs ``benchmarks/results/loo/<config>.md`` (the printed tables) and ``<confi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -58,79 +57,25 @@ from typing import Dict, List, Optional
 
 import torch
 
-import torch.nn.functional as F
-
 from gramhook import GramMonitor
-from gramhook.data import digits_tensors, mlp, mnist_tensors, small_cnn
 from gramhook.losses import resolve_loss
 from gramhook.optim import step_dt
 
 OUT = Path(__file__).resolve().parent / "results" / "loo"
 
 
-class acc:
-    """The minimal logic of ``benchmarks/accuracy.py`` (copied: that file is being edited concurrently;
-    the training semantics here are the same: seed → init, SGD momentum 0.9, lr 0.05, batch 64,
-    batch order from ``Generator(seed + 1)``, one ``randperm`` per epoch, ``every ≈ total/20``)."""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy as acc  # noqa: E402  (configs, data, models, optimizers, batch order)
 
-    DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
-    TARGET_MEASUREMENTS = 20
 
-    @dataclasses.dataclass(frozen=True)
-    class Config:
-        dataset: str
-        n: int
-        model: str
-        loss: str
-        opt: str
-        epochs: int = 10
+def load(cfg: "acc.Config", seed: int):
+    """``(x_train, y_train, x_test, y_test, in_features)`` of an accuracy.py configuration."""
+    d = acc.load(cfg, seed)
+    if d is None:
+        raise SystemExit(f"{cfg.name}: its dataset package is not installed")
+    return d.x_train, d.y_train, d.x_test, d.y_test, d.feat
 
-        @property
-        def name(self) -> str:
-            return f"{self.dataset}-n{self.n}-{self.model}-{self.loss}-{self.opt}"
 
-    @staticmethod
-    def all_configs():
-        out = [acc.Config("mnist", n, model, loss, opt) for n in (500, 1000, 2000) for model in ("mlp", "cnn")
-               for loss in ("ce", "mse") for opt in ("sgd", "adam")]
-        return out + [acc.Config("digits", 1000, "mlp", "ce", "sgd")]
-
-    @staticmethod
-    def load(cfg, seed):
-        if cfg.dataset == "mnist":
-            xtr, ytr, xte, yte = mnist_tensors(n_train=cfg.n, seed=seed)
-            return xtr, ytr, xte, yte, 784
-        xtr, ytr, xte, yte = digits_tensors(n_train=cfg.n, seed=seed)
-        return xtr, ytr, xte, yte, 64
-
-    @staticmethod
-    def make_model(cfg, feat):
-        return small_cnn() if cfg.model == "cnn" else mlp(feat)
-
-    @staticmethod
-    def make_opt(cfg, model, lr):
-        lr = lr if lr is not None else acc.DEFAULT_LR[cfg.opt]
-        if cfg.opt == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        return torch.optim.Adam(model.parameters(), lr=lr)
-
-    @staticmethod
-    def targets(cfg, y):
-        return F.one_hot(y, 10).to(torch.float32) if cfg.loss == "mse" else y
-
-    @staticmethod
-    def batch_loss(cfg, out, t):
-        return F.mse_loss(out, t) if cfg.loss == "mse" else F.cross_entropy(out, t)
-
-    @staticmethod
-    def evaluate(cfg, model, x, t) -> float:
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return float(acc.batch_loss(cfg, model(x), t))
-        finally:
-            model.train(was)
 VARIANT_KEYS = ("every1", "exact", "ref128", "probe128", "refnonprobe", "resvnoprobe", "discrete", "momramp")
 
 
@@ -247,19 +192,14 @@ def run_monitor(cfg, data, args, init_state, variant: str) -> Dict:
     step = 0
     model.train()
     try:
-        while step < total:
-            perm = torch.randperm(n, generator=gen)
-            for i in range(0, n, args.batch_size):
-                if step >= total:
-                    break
-                idx = perm[i:i + args.batch_size]
-                opt.zero_grad(set_to_none=True)
-                acc.batch_loss(cfg, model(xtr[idx]), ttr[idx]).backward()
-                opt.step()
-                step += 1
-                for r in monitor.history[seen:]:
-                    on_measurement(r)
-                seen = len(monitor.history)
+        for idx in acc.minibatches(n, args.batch_size, total, gen):
+            opt.zero_grad(set_to_none=True)
+            acc.batch_loss(cfg, model(xtr[idx]), ttr[idx]).backward()
+            opt.step()
+            step += 1
+            for r in monitor.history[seen:]:
+                on_measurement(r)
+            seen = len(monitor.history)
         if not rows or rows[-1]["step"] != step:
             if monitor.measure() is not None:
                 on_measurement(monitor.history[-1])
@@ -299,26 +239,21 @@ def train_plain(cfg, data, args, init_state, total: int, eval_steps: List[int], 
     record(0)
     step = 0
     model.train()
-    while step < total:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, args.batch_size):
-            if step >= total:
-                break
-            idx = perm[i:i + args.batch_size]
-            opt.zero_grad(set_to_none=True)
-            if drop is not None and bool((idx == drop).any()):
-                keep = idx[idx != drop]
-                o = model(xtr[keep])
-                if norm == "mean":
-                    loss = acc.batch_loss(cfg, o, ttr[keep])
-                else:  # fixed: Σ_{j≠i} ℓ_j / B, the engine's objective
-                    loss = per_sample(o.reshape(o.shape[0], -1), ttr[keep]).sum() / idx.numel()
-            else:
-                loss = acc.batch_loss(cfg, model(xtr[idx]), ttr[idx])
-            loss.backward()
-            opt.step()
-            step += 1
-            record(step)
+    for idx in acc.minibatches(n, args.batch_size, total, gen):
+        opt.zero_grad(set_to_none=True)
+        if drop is not None and bool((idx == drop).any()):
+            keep = idx[idx != drop]
+            o = model(xtr[keep])
+            if norm == "mean":
+                loss = acc.batch_loss(cfg, o, ttr[keep])
+            else:  # fixed: Σ_{j≠i} ℓ_j / B, the engine's objective
+                loss = per_sample(o.reshape(o.shape[0], -1), ttr[keep]).sum() / idx.numel()
+        else:
+            loss = acc.batch_loss(cfg, model(xtr[idx]), ttr[idx])
+        loss.backward()
+        opt.step()
+        step += 1
+        record(step)
     return out, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -335,7 +270,7 @@ def table(header: List[str], rows: List[List[str]]) -> str:
 
 def check_config(name: str, args) -> str:
     cfg = config_by_name(name, args.epochs)
-    data = acc.load(cfg, args.seed)
+    data = load(cfg, args.seed)
     xtr = data[0]
     n = xtr.shape[0]
     torch.manual_seed(args.seed)
@@ -421,7 +356,7 @@ def check_config(name: str, args) -> str:
     if unc_mean is not None:
         hdr += [f"uncoupled LOO ± SE ({args.uncoupled} seeds)", "order noise (K)", "order noise (64)"]
     if loo_all is not None:
-        hdr += [f"LOO all n ± SE", "LOO all / (test−full)"]
+        hdr += ["LOO all n ± SE", "LOO all / (test−full)"]
     body = []
     for t, r in enumerate(rows):
         lm, lse = mean_se(ref[t])
