@@ -332,8 +332,7 @@ class GramMonitor:
         if not module.training or not args or not isinstance(args[0], Tensor):
             return
         try:
-            x = args[0]
-            self._reservoir.add(x[self._probe_filter.keep(x)])
+            self._reservoir.add(args[0])
         except Exception as exc:  # never break the user's forward
             self._report("capture", exc)
 
@@ -383,7 +382,10 @@ class GramMonitor:
             idx = idx.to(x.device)
             return x[idx], None if y is None else y[idx]
         x = self._reservoir.take()
-        return (None, None) if x is None else (x.to(self.device), None)
+        if x is not None:  # probe rows are dropped here, off the training forward's hot path
+            x = x.to(self.device)
+            x = x[self._probe_filter.keep(x)]
+        return (None, None) if x is None or x.shape[0] == 0 else (x, None)
 
     def _measure(self) -> Dict[str, float]:
         metric = read_optimizer(self.optimizer, self.model)

@@ -37,7 +37,7 @@ def test_reservoir_and_reference_exclude_probe_samples():
     with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16,
                      reference_size=N, train_sample_size=0) as mon:
         model(x)  # a training forward over every sample
-        rows = mon._reservoir.take()
+        rows, _ = mon._reference_batch()
         assert rows.shape[0] == N - 16
         assert not (rows.unsqueeze(1) == mon.probe.x.unsqueeze(0)).all(-1).any()
     with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16, reference=(x, y),
