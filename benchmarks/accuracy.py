@@ -127,8 +127,11 @@ PATIENCE = 5
 VARIANTS: Dict[str, Dict] = {
     "default": {},                           # probe --probe-size (64), --coordinates (sketch 4096), ~20 measurements
     "probe128": {"probe_size": 128},
-    "ref128": {"reference_size": 128},
     "dense": {"every_scale": 0.5},           # measure twice as often
+    "dense4": {"every_scale": 0.25},         # four times as often
+    "ref32": {"reference_size": 32, "reference_outputs": None},   # the default before: 32 samples, all k outputs
+    "ref128": {"reference_size": 128, "reference_outputs": None},
+    "hist4": {"reference_history": 4},       # + the rows of the 3 previous reference batches
     "exact": {"coordinates": "exact"},
     "sketch1024": {"coordinates": 1024},
     "replace": {"mode": "replace"},

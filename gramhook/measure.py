@@ -53,6 +53,22 @@ def _flat_decay(model: nn.Module, metric: StepMetric, names=None):
     return torch.cat(parts)
 
 
+def sampled_half_hessian(hessian: Tensor, q: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """q random rows ``c`` per sample with ``E[Σ_c c cᵀ] = Λ``, ``(B, q, k)``.
+
+    Each row is an eigenvector ``v_a`` of ``Λ_b`` drawn with probability ``e_a / tr Λ_b`` and
+    scaled by ``sqrt(tr Λ_b / q)``: a confident softmax prediction, whose Λ has one or two
+    non-negligible eigenvalues, is then represented almost exactly by a single row.
+    """
+    e, v = torch.linalg.eigh(hessian.double())
+    e = e.clamp(min=0)
+    total = e.sum(1, keepdim=True)
+    prob = torch.where(total > 0, e / total.clamp(min=1e-300), torch.full_like(e, 1.0 / e.shape[1]))
+    idx = torch.multinomial(prob.cpu(), q, replacement=True, generator=generator).to(e.device)   # (B, q)
+    rows = torch.gather(v.transpose(1, 2), 1, idx.unsqueeze(-1).expand(-1, -1, v.shape[1]))     # (B, q, k)
+    return (rows * (total / q).sqrt().unsqueeze(-1)).to(hessian.dtype)
+
+
 def engine_jacobian(
     model: nn.Module,
     x: Tensor,
@@ -62,10 +78,13 @@ def engine_jacobian(
     seed: int = 0,
     method: str = "auto",
     memory_budget: int = kernel.DEFAULT_MEMORY_BUDGET,
+    cotangents: Optional[Tensor] = None,
 ) -> Tensor:
-    """Per-sample Jacobians in engine coordinates, ``(m, k, D)``."""
+    """Per-sample Jacobians in engine coordinates, ``(m, k, D)``; with ``cotangents`` ``(m, q, k)``
+    their combinations ``(m, q, D)``."""
     if coordinates == "exact":
-        return kernel.flat_jacobian(model, x, names=metric.names, method=method, memory_budget=memory_budget)
+        jac = kernel.flat_jacobian(model, x, names=metric.names, method=method, memory_budget=memory_budget)
+        return jac if cotangents is None else torch.einsum("mqk,mkd->mqd", cotangents.to(jac.dtype), jac)
     # Parameters the optimizer does not train do not move: P = 0 on them.
     trained = set(metric.names)
     pre = metric.preconditioner
@@ -73,7 +92,8 @@ def engine_jacobian(
     if others:
         pre = dict(pre) if pre is not None else {n: torch.ones_like(p) for n, p in model.named_parameters() if n in trained}
         pre.update({n: torch.zeros_like(p) for n, p in others.items()})
-    return kernel.sketched_jacobian(model, x, int(coordinates), seed=seed, preconditioner=pre, method=method)
+    return kernel.sketched_jacobian(model, x, int(coordinates), seed=seed, preconditioner=pre, method=method,
+                                    cotangents=cotangents)
 
 
 def compute_rates(
@@ -90,6 +110,8 @@ def compute_rates(
     holdout: Optional[tuple] = None,
     seed: int = 0,
     method: str = "auto",
+    ref_outputs: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Rates:
     """Everything engine (a) needs at the current weights.
 
@@ -101,6 +123,11 @@ def compute_rates(
             whose Hessian needs targets.
         ref_weight: the share of the training set the reference batch stands for.
         holdout: ``(x, y)`` for replace-one with a holdout stand-in.
+        ref_outputs: output directions per reference sample (``None``: all k). With q of them the
+            reference rows are q sampled rows of ``Λ_b^{1/2} J_b`` (see :func:`sampled_half_hessian`),
+            an unbiased estimate of ``J_bᵀ Λ_b J_b`` at q/k of the Jacobian cost, so that more
+            distinct samples can enter the contraction for the same cost.
+        generator: draws those directions (``None``: the global generator).
     """
     out = probe_outputs(model, probe_x)
     per_sample_losses(loss, out, probe_y)
@@ -119,8 +146,15 @@ def compute_rates(
     )
     if ref_x is not None and ref_x.shape[0] > 0:
         ref_out = probe_outputs(model, ref_x)
-        rates.ref_hessian = output_hessian(loss, ref_out, ref_y, target_like=probe_y[0])
-        rates.ref_jac = engine_jacobian(model, ref_x, coordinates, metric, seed=seed, method=method)
+        ref_hessian = output_hessian(loss, ref_out, ref_y, target_like=probe_y[0])
+        if ref_outputs is None or ref_outputs >= ref_out.shape[1]:
+            rates.ref_hessian = ref_hessian
+            rates.ref_jac = engine_jacobian(model, ref_x, coordinates, metric, seed=seed, method=method)
+        else:
+            cot = sampled_half_hessian(ref_hessian, ref_outputs, generator)
+            rates.ref_jac = engine_jacobian(model, ref_x, coordinates, metric, seed=seed, method=method, cotangents=cot)
+            rates.ref_hessian = torch.eye(ref_outputs, dtype=ref_hessian.dtype, device=ref_hessian.device).expand(
+                ref_x.shape[0], ref_outputs, ref_outputs)
     if holdout is not None:
         hx, hy = holdout
         h_out = probe_outputs(model, hx)

@@ -51,6 +51,14 @@ class MonitorConfig:
             ``"auto"``: exact while the probe Jacobians (m·k·P floats) stay under 64 MiB, else
             s = 4096.
         reference_size: training inputs per reference batch (captured or from ``reference``).
+        reference_outputs: output directions per reference sample, drawn from the eigenvectors
+            of its output Hessian Λ in proportion to their eigenvalues (unbiased for JᵀΛJ);
+            ``None`` uses all k outputs. A reference sample costs q/k of a full Jacobian, so
+            ``reference_size`` can grow by k/q for the same cost.
+        reference_history: reference batches (this measurement's and the latest earlier ones,
+            weighted 0.7 per measurement back) whose rows make up the contraction between two
+            measurements: a smoothed, higher-rank estimate of the Gauss–Newton matrix at no extra
+            Jacobian cost (memory: that many batches of sketched rows).
         mode: ``"loo"`` or ``"replace"`` (replace-one with the other probe samples, or the
             holdout when given, as stand-in).
         effective_gram_size: m_K, the sub-probe size for the effective Gram matrix K_n
@@ -68,7 +76,9 @@ class MonitorConfig:
     overhead: float = 0.05
     probe_size: Optional[int] = None
     coordinates: Union[str, int] = "auto"
-    reference_size: int = 32
+    reference_size: int = 320
+    reference_outputs: Optional[int] = 1
+    reference_history: int = 1
     mode: str = "loo"
     effective_gram_size: int = 32
     method: str = "auto"
@@ -89,6 +99,10 @@ class MonitorConfig:
             raise ValueError(f"`train_sample_size` must be a non-negative int (0 disables it), got {self.train_sample_size!r}.")
         if self.reference_size < 1:
             raise ValueError(f"`reference_size` must be positive, got {self.reference_size}.")
+        if self.reference_outputs is not None and (isinstance(self.reference_outputs, bool) or not isinstance(self.reference_outputs, int) or self.reference_outputs < 1):
+            raise ValueError(f"`reference_outputs` must be None (all outputs) or a positive int, got {self.reference_outputs!r}.")
+        if isinstance(self.reference_history, bool) or not isinstance(self.reference_history, int) or self.reference_history < 1:
+            raise ValueError(f"`reference_history` must be a positive int (1: the current batch only), got {self.reference_history!r}.")
         Mode(self.mode)
         if self.method not in kernel.METHODS:
             raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
@@ -254,7 +268,8 @@ class GramMonitor:
         standin = Standin.HOLDOUT if (mode is Mode.REPLACE and self.holdout is not None) else Standin.PROBE
         # The probe's own rows enter the contraction exactly (weight 1/n each) and the reference batch
         # stands for the other n − m samples, so the own-sample exclusion is exact (THEORY §3(a)).
-        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin)
+        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin,
+                                          reference_history=self.config.reference_history)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         coords = self.config.coordinates
         if coords == "auto":
@@ -396,6 +411,7 @@ class GramMonitor:
             ref_weight=(self.n_train - self.probe.x.shape[0]) / self.n_train,
             holdout=self.holdout if self.engine_config.standin is Standin.HOLDOUT else None,
             seed=self.config.seed, method=self.config.method,
+            ref_outputs=self.config.reference_outputs, generator=self._ref_gen,
         )
         m = self.probe.x.shape[0]
         if rates.ref_jac is None and self.n_train > m > 1:

@@ -46,6 +46,8 @@ def run_engine(
     seed: int = 0,
     momentum: float = 0.0,
     integrator: str = "exponential",
+    ref_outputs: Optional[int] = None,
+    reference_history: int = 1,
 ) -> EngineRun:
     """Train ``problem`` and integrate an engine; measurements every ``every`` steps.
 
@@ -61,7 +63,7 @@ def run_engine(
     px, py = problem.x[idx], problem.y[idx]
     m = len(idx)
     nonprobe = torch.tensor(sorted(set(range(n)) - set(idx.tolist())), dtype=torch.long)
-    cfg = EngineConfig(n_train=n, m=m, mode=mode, standin=standin)
+    cfg = EngineConfig(n_train=n, m=m, mode=mode, standin=standin, reference_history=reference_history)
     k = int(model(px[:1]).reshape(1, -1).shape[1])
     if engine == "param":
         dim = sum(p.numel() for p in model.parameters()) if coordinates == "exact" else int(coordinates)
@@ -82,6 +84,7 @@ def run_engine(
                 rates = compute_rates(
                     model, loss, px, py, met, coordinates=coordinates, ref_x=ref_x,
                     ref_weight=(n - m) / n, holdout=holdout, seed=seed, method="auto",
+                    ref_outputs=ref_outputs, generator=gen,
                 )
             else:
                 rates = compute_kernel_rates(model, loss, px, py, met, holdout=holdout, method="reference")

@@ -233,9 +233,13 @@ def test_nan_model_is_reported_and_skipped():
               loss=lambda o, t: nn.functional.cross_entropy(o, t)), ValueError, "per sample"),
         (dict(probe=(torch.randn(10, D), torch.randint(0, 3, (10,))), n_train=10,
               loss=lambda o, t: nn.functional.cross_entropy(o, t, reduction="none")), ValueError, "reference"),
+        (dict(probe=(torch.randn(10, D), torch.randint(0, 3, (10,))), n_train=10, reference_outputs=0), ValueError,
+         "reference_outputs"),
+        (dict(probe=(torch.randn(10, D), torch.randint(0, 3, (10,))), n_train=10, reference_history=0), ValueError,
+         "reference_history"),
     ],
     ids=["wrong-shape", "mismatched-batch", "empty", "n_train-small", "bad-every", "unknown-loss",
-         "scalar-loss", "target-hessian-needs-reference"],
+         "scalar-loss", "target-hessian-needs-reference", "bad-reference-outputs", "bad-reference-history"],
 )
 def test_bad_configuration_fails_at_construction(kwargs, error, match):
     model = _model()

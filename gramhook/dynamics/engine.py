@@ -69,12 +69,20 @@ class EngineConfig:
         m: probe size.
         mode: leave-one-out or replace-one.
         standin: stand-in for z' in replace-one mode.
+        reference_history: how many reference batches, the current one and the most recent
+            earlier ones, make up the contraction of an interval. More batches give a smoothed,
+            higher-rank estimate of H at no extra Jacobian cost (THEORY §3, "apply the exponential
+            of a smoothed estimate of H"); 1 uses the current batch alone.
+        history_decay: weight ratio of each earlier batch to the next newer one; the weights are
+            normalized to sum to one, so the rows still estimate H.
     """
 
     n_train: int
     m: int
     mode: Mode = Mode.LOO
     standin: Standin = Standin.PROBE
+    reference_history: int = 1
+    history_decay: float = 0.7
 
     def __post_init__(self):
         object.__setattr__(self, "mode", Mode(self.mode))
@@ -88,6 +96,10 @@ class EngineConfig:
             )
         if self.mode is Mode.REPLACE and self.standin is Standin.PROBE and self.m < 2:
             raise ValueError("Replace-one with the probe as stand-in needs at least two probe samples.")
+        if isinstance(self.reference_history, bool) or not isinstance(self.reference_history, int) or self.reference_history < 1:
+            raise ValueError(f"reference_history must be a positive int (1: the current batch only), got {self.reference_history!r}.")
+        if not 0.0 < self.history_decay <= 1.0:
+            raise ValueError(f"history_decay must lie in (0, 1], got {self.history_decay!r}.")
 
 
 @dataclasses.dataclass
@@ -353,6 +365,8 @@ class ParameterSpaceEngine(_Engine):
     def __init__(self, config: EngineConfig, dim: int, loss: LossFn, *, dtype=torch.float32, device=None):
         super().__init__(config, loss)
         self.delta = torch.zeros(config.m, dim, dtype=dtype, device=device)
+        # Reference row blocks of earlier measurements, (time, rows) oldest first; see reference_history.
+        self._history: list = []
 
     # rows Z and own rows z_i -------------------------------------------------------------------
     def _rows(self, rates: Rates) -> Tensor:
@@ -360,17 +374,34 @@ class ParameterSpaceEngine(_Engine):
             rates.cache["rows"] = self._build_rows(rates)
         return rates.cache["rows"]
 
+    def _ref_block(self, rates: Rates) -> Optional[Tensor]:
+        """The reference batch's rows ``sqrt(ref_weight/B)·Λ_b^{1/2} J_b`` ``(R_b, D)``, or ``None``."""
+        if "ref_block" not in rates.cache:
+            block = None
+            if rates.ref_jac is not None and rates.ref_jac.shape[0] > 0:
+                b, k, d = rates.ref_jac.shape
+                # Rows sqrt(e) vᵀ J_b from Λ_b = V diag(e) Vᵀ. Directions with e below 1e-3 of the
+                # batch's largest (always one for softmax cross-entropy, most of them for confident
+                # predictions) carry almost no contraction and are dropped: R sets the O(R²·D) cost.
+                e, v = _eigh(rates.ref_hessian.to(self.delta.dtype))
+                keep = e > 1e-3 * e.max().clamp(min=1e-30)
+                rows = torch.einsum("bke,bkd->bed", v * e.clamp(min=0).sqrt().unsqueeze(1), rates.ref_jac.to(self.delta.dtype))
+                block = rows[keep] * math.sqrt(rates.ref_weight / b)
+            rates.cache["ref_block"] = block
+        return rates.cache["ref_block"]
+
     def _build_rows(self, rates: Rates) -> Tensor:
         parts = []
-        if rates.ref_jac is not None and rates.ref_jac.shape[0] > 0:
-            b, k, d = rates.ref_jac.shape
-            # Rows sqrt(e) vᵀ J_b from Λ_b = V diag(e) Vᵀ. Directions with e below 1e-3 of the
-            # batch's largest (always one for softmax cross-entropy, most of them for confident
-            # predictions) carry almost no contraction and are dropped: R sets the O(R²·D) cost.
-            e, v = _eigh(rates.ref_hessian.to(self.delta.dtype))
-            keep = e > 1e-3 * e.max().clamp(min=1e-30)
-            rows = torch.einsum("bke,bkd->bed", v * e.clamp(min=0).sqrt().unsqueeze(1), rates.ref_jac.to(self.delta.dtype))
-            parts.append(rows[keep] * math.sqrt(rates.ref_weight / b))
+        block = self._ref_block(rates)
+        if block is not None:
+            # This batch and the earlier ones (measured before this rates' time), weighted by
+            # history_decay per step back and normalized: a smoothed estimate of the same H.
+            earlier = [b for t, b in self._history if t < self.time][-(self.config.reference_history - 1):] \
+                if self.config.reference_history > 1 else []
+            blocks = earlier + [block]
+            w = torch.tensor([self.config.history_decay ** a for a in range(len(blocks) - 1, -1, -1)], dtype=torch.float64)
+            w = (w / w.sum()).tolist()
+            parts.extend(bl.to(block.device) * math.sqrt(wi) for bl, wi in zip(blocks, w))
         m, k, d = rates.probe_jac.shape
         parts.append(self._own_rows(rates).reshape(m * k, d))       # last: the own rows
         return torch.cat(parts).to(self.delta.dtype)
@@ -445,6 +476,15 @@ class ParameterSpaceEngine(_Engine):
             d = d * torch.exp(-dt * torch.as_tensor(rates.decay, dtype=dtype, device=d.device))
         self.delta = d
 
+    def measure(self, dt: float, rates: Rates, steps: Optional[int] = None) -> GapEstimate:
+        est = super().measure(dt, rates, steps)
+        if self.config.reference_history > 1:
+            block = self._ref_block(rates)
+            if block is not None:
+                # Kept: the pending batch and the L − 1 before it, so that its rows can be rebuilt.
+                self._history = (self._history + [(self.time, block)])[-self.config.reference_history:]
+        return est
+
     def _own_outputs(self, rates: Rates) -> Tensor:
         return torch.einsum("ikd,id->ik", rates.probe_jac.to(self.delta.dtype), self.delta)
 
@@ -468,11 +508,13 @@ class ParameterSpaceEngine(_Engine):
         return perturbation_factor(self._grads(rates), rates.metric, self.config.n_train, standin)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "delta": self.delta.clone()}
+        return {**super().state_dict(), "delta": self.delta.clone(),
+                "history": [(t, b.clone()) for t, b in self._history]}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.delta = state["delta"].clone().to(self.delta.device)
+        self._history = [(float(t), b.clone().to(self.delta.device)) for t, b in state.get("history", [])]
 
 
 @dataclasses.dataclass

@@ -208,8 +208,12 @@ def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, metho
     return _auto("jacobian", model, x, key, fast, reference)
 
 
-def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
+def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET,
+                      cotangents=None):
     """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), shape ``(m, k, s)``.
+
+    ``cotangents`` ``(m, q, k)`` returns ``(m, q, s)``, the combinations ``Σ_a cot[i, c, a] ĵ_i[a]``
+    (sketched per-sample vector–Jacobian products), at about ``q/k`` of the cost.
 
     ``⟨ĵ_i[a], ĵ_j[b]⟩`` estimates ``Θ[i, a, j, b]`` without bias, relative error ≈ ``1/sqrt(s)``;
     a fixed ``seed`` gives the same ``S`` on every call. The fast paths (``"auto"``, ``"fast"``)
@@ -224,6 +228,6 @@ def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto"
     _check_method(method)
     if method == "reference":
         return _reference.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
-                                            memory_budget=memory_budget)
+                                            memory_budget=memory_budget, cotangents=cotangents)
     return _fast.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
-                                   memory_budget=memory_budget, strict=method == "fast")
+                                   memory_budget=memory_budget, strict=method == "fast", cotangents=cotangents)

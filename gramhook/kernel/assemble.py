@@ -828,20 +828,24 @@ def sketched_jacobian(
     preconditioner: Preconditioner = None,
     memory_budget: int = _ref.DEFAULT_MEMORY_BUDGET,
     strict: bool = False,
+    cotangents: Optional[Tensor] = None,
 ) -> Tensor:
     """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), fast path.
 
     ``S`` is a count-sketch per parameter (module docstring); it is never materialized, and the
     same ``seed`` gives the same ``S`` on every call, whatever the chunking or route per layer.
+    With ``cotangents`` ``(m, q, k)`` only the combinations ``Σ_a cot[i, c, a] ĵ_i[a]`` are formed,
+    one backward per row ``c`` instead of one per output: ``q/k`` of the cost.
 
     Returns:
-        ``(m, k, s)`` with ``⟨ĵ_i[a], ĵ_j[b]⟩ ≈ Θ[i, a, j, b]``, relative error ≈ ``1/sqrt(s)``.
+        ``(m, k, s)`` (``(m, q, s)`` with cotangents) with ``⟨ĵ_i[a], ĵ_j[b]⟩ ≈ Θ[i, a, j, b]``,
+        relative error ≈ ``1/sqrt(s)``.
     """
     if s < 1:
         raise ValueError(f"Expected a sketch size s >= 1, got {s}.")
     with _ref.eval_mode(model):
         plan = make_plan(model, x, strict=strict)
-        k = plan.k
+        k = plan.k if cotangents is None else cotangents.shape[1]
         m = x.shape[0]
         p0 = next(iter(model.parameters()))
         device = p0.device
@@ -862,14 +866,14 @@ def sketched_jacobian(
             return _default_chunk(model, plan, x, k, {n: ("ghost" if r == "fft" else "dense") for n, r in routes.items()},
                                   memory_budget)
 
-        def sketch_chunk(xs: Tensor) -> Tensor:
+        def sketch_chunk(xs: Tensor, cot: Optional[Tensor]) -> Tensor:
             acc: List[Optional[Tensor]] = [None, None]  # (c, k, s) directly, and in frequency
 
             def add(t: Tensor, i: int = 0) -> None:
                 acc[i] = t if acc[i] is None else acc[i].add_(t)
 
             if plan.layers:
-                contribs = _chunk_contributions(model, plan, xs, None)
+                contribs = _chunk_contributions(model, plan, xs, None if cot is None else cot.transpose(0, 1))
                 with _no_autocast(device):
                     for name, c in contribs.items():
                         sp = _sqrt_p(preconditioner, name, c.b if isinstance(c, Outer) else c.g)
@@ -886,13 +890,16 @@ def sketched_jacobian(
                 with _no_autocast(device):
                     for name, j in jac.items():
                         j = j.to(acc_dtype(j.dtype)).flatten(2)
+                        if cot is not None:
+                            j = torch.einsum("cqk,ckp->cqp", cot.to(j.dtype), j)
                         add(_count_sketch_dense(j, hashes[name], s, _sqrt_p(preconditioner, name, j)))
             if acc[1] is not None:  # one inverse FFT for every factored layer
                 add(torch.fft.irfft(acc[1], n=s, dim=-1))
             return acc[0]
 
         def fn(chunk):
-            return torch.cat([sketch_chunk(x[s0 : s0 + chunk]) for s0 in range(0, m, chunk)], dim=0)
+            return torch.cat([sketch_chunk(x[s0 : s0 + chunk], None if cotangents is None else cotangents[s0 : s0 + chunk])
+                              for s0 in range(0, m, chunk)], dim=0)
 
         return _run(fn, chunk_of)
 

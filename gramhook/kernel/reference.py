@@ -229,20 +229,24 @@ def sketched_jacobian(
     seed: int = 0,
     preconditioner: Preconditioner = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    cotangents: Optional[Tensor] = None,
 ) -> Tensor:
     """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), reference path.
 
     ``S`` is a Gaussian Johnson–Lindenstrauss matrix, one ``(numel, s)`` block per parameter
     (:func:`gaussian_sketch_matrix`), so ``⟨ĵ_i a, ĵ_j b⟩ ≈ Θ[i, a, j, b]`` with relative error
     ≈ 1/sqrt(s). This path materializes each block; it is the ground truth for fast sketches.
+    ``cotangents`` ``(m, q, k)``: return the combinations ``Σ_a cot[i, c, a] ĵ_i[a]`` instead.
 
     Returns:
-        ``(m, k, s)``.
+        ``(m, k, s)``, or ``(m, q, s)`` with cotangents.
     """
     jac = per_sample_jacobians(model, x, memory_budget=memory_budget)
     out = None
     for n, j in jac.items():
         j = j.flatten(2)
+        if cotangents is not None:
+            j = torch.einsum("mqk,mkp->mqp", cotangents.to(j.dtype), j)
         if preconditioner is not None:
             j = j * preconditioner[n].reshape(1, 1, -1).to(j.dtype).sqrt()
         block = gaussian_sketch_matrix(n, j.shape[2], s, seed, j.dtype, j.device)

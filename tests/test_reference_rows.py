@@ -1,0 +1,130 @@
+"""Cheaper and smoother contraction rows: sampled output directions and reference history."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates
+from gramhook.kernel import reference as ref
+from gramhook.kernel import sketched_jacobian
+from gramhook.losses import resolve_loss
+from gramhook.measure import sampled_half_hessian
+
+
+class _Odd(nn.Module):
+    """A handled Linear, a raw Parameter (reference fallback) and a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 3, 3)
+        self.lin = nn.Linear(3 * 6, 8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x.unsqueeze(1))).flatten(1)
+        return self.out(torch.tanh(self.lin(h)) * self.scale)
+
+
+@pytest.mark.parametrize("method", ["auto", "reference"])
+def test_sketched_vjp_rows_are_the_cotangent_combinations(method):
+    torch.manual_seed(0)
+    net, x = _Odd().double(), torch.randn(6, 8, dtype=torch.float64)
+    cot = torch.randn(6, 2, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")
+        full = sketched_jacobian(net, x, 64, seed=3, method=method)
+        rows = sketched_jacobian(net, x, 64, seed=3, method=method, cotangents=cot)
+        tiny = sketched_jacobian(net, x, 64, seed=3, method=method, cotangents=cot, memory_budget=1)
+    want = torch.einsum("mqk,mks->mqs", cot, full)
+    assert rows.shape == (6, 2, 64)
+    assert torch.allclose(rows, want, atol=1e-12)
+    assert torch.allclose(tiny, want, atol=1e-12)  # chunked: the cotangents follow their samples
+
+
+def test_sketched_vjp_rows_against_exact_gradients():
+    """Without the sketch's randomness: s·E over seeds of ⟨row_i, row_j⟩ is cᵢᵀ Θ_ij cⱼ (torch.func truth)."""
+    torch.manual_seed(1)
+    net, x = _Odd().double(), torch.randn(4, 8, dtype=torch.float64)
+    cot = torch.randn(4, 1, 4, dtype=torch.float64)
+    theta = ref.empirical_ntk(net, x)                                        # (m, k, m, k)
+    want = torch.einsum("ia,iajb,jb->ij", cot[:, 0], theta, cot[:, 0])
+    est = torch.stack([
+        (lambda r: r @ r.T)(sketched_jacobian(net, x, 256, seed=s, cotangents=cot)[:, 0]) for s in range(24)
+    ]).mean(0)
+    scale = want.diagonal().sqrt()
+    err = ((est - want) / torch.outer(scale, scale)).abs().max().item()
+    assert err < 0.1, err
+
+
+def test_sampled_half_hessian_is_unbiased_and_exact_for_rank_one():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(5, 6, dtype=torch.float64) * 2, 1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([
+        (lambda c: c.transpose(1, 2) @ c)(sampled_half_hessian(lam, 2, gen)) for _ in range(4000)
+    ]).mean(0)
+    assert ((draws - lam).norm() / lam.norm()).item() < 0.03
+    u = torch.randn(3, 4, 1, dtype=torch.float64)
+    rank_one = u @ u.transpose(1, 2)
+    c = sampled_half_hessian(rank_one, 1, gen)
+    assert torch.allclose(c.transpose(1, 2) @ c, rank_one, atol=1e-12)
+    # Λ = 0 (a sample the loss no longer sees) gives zero rows, not NaN
+    assert torch.equal(sampled_half_hessian(torch.zeros(2, 3, 3, dtype=torch.float64), 2, gen),
+                       torch.zeros(2, 2, 3, dtype=torch.float64))
+
+
+def _rates(gen, m=3, b=4, k=2, d=7):
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    out = r(m, k)
+    return Rates(outputs=out, targets=torch.zeros(m, k, dtype=torch.float64), residual=out.clone(),
+                 hessian=torch.eye(k, dtype=torch.float64).expand(m, k, k), probe_jac=r(m, k, d),
+                 ref_jac=r(b, k, d), ref_hessian=torch.eye(k, dtype=torch.float64).expand(b, k, k), ref_weight=0.9)
+
+
+def test_reference_history_stacks_weighted_earlier_batches():
+    loss = resolve_loss("mse")
+    gen = torch.Generator().manual_seed(0)
+    cfg = EngineConfig(n_train=50, m=3, reference_history=3, history_decay=0.5)
+    eng = ParameterSpaceEngine(cfg, 7, loss, dtype=torch.float64)
+    seq = [_rates(gen) for _ in range(4)]
+    for j, rates in enumerate(seq):
+        eng.measure(0.0 if j == 0 else 0.3, rates)
+    blocks = [eng._ref_block(r) for r in seq[1:]]                       # the latest three batches
+    w = torch.tensor([0.25, 0.5, 1.0]) / 1.75
+    want = torch.cat([b * w[i].sqrt() for i, b in enumerate(blocks)])
+    rows = eng._rows(seq[-1])
+    assert torch.allclose(rows[: want.shape[0]], want, atol=1e-12)
+    assert rows.shape[0] == want.shape[0] + 3 * 2                      # + the probe's own rows
+
+    # Identical batches: the history changes nothing (the weights sum to one).
+    def run(history):
+        g = torch.Generator().manual_seed(1)
+        base = _rates(g)
+        e = ParameterSpaceEngine(EngineConfig(n_train=50, m=3, reference_history=history), 7, loss, dtype=torch.float64)
+        for j in range(4):
+            r = _rates(g)
+            r.ref_jac, r.ref_hessian = base.ref_jac, base.ref_hessian
+            est = e.measure(0.0 if j == 0 else 0.3, r)
+        return est.per_sample
+
+    assert torch.allclose(run(1), run(3), atol=1e-12)
+
+
+def test_reference_history_survives_state_dict():
+    loss = resolve_loss("mse")
+    gen = torch.Generator().manual_seed(2)
+    seq = [_rates(gen) for _ in range(5)]
+    cfg = EngineConfig(n_train=50, m=3, reference_history=3)
+    a = ParameterSpaceEngine(cfg, 7, loss, dtype=torch.float64)
+    for j, r in enumerate(seq[:3]):
+        a.measure(0.0 if j == 0 else 0.2, r)
+    b = ParameterSpaceEngine(cfg, 7, loss, dtype=torch.float64)
+    b.load_state_dict(a.state_dict())  # the pending rates come back without their cached rows
+    for r in seq[3:]:
+        ea, eb = a.measure(0.2, r), b.measure(0.2, r)
+        assert torch.allclose(ea.per_sample, eb.per_sample, atol=1e-12)
