@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from torch.func import functional_call
 
 from gramhook import GramMonitor
 from gramhook.kernel import flat_jacobian

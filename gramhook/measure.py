@@ -147,6 +147,9 @@ def compute_rates(
     if ref_x is not None and ref_x.shape[0] > 0:
         ref_out = probe_outputs(model, ref_x)
         ref_hessian = output_hessian(loss, ref_out, ref_y, target_like=probe_y[0])
+        if ref_outputs is not None and ref_outputs < out.shape[1]:
+            # The probe's own contraction rows with the same economy (its Jacobians are full anyway).
+            rates.own_cotangents = sampled_half_hessian(lam, ref_outputs, generator)
         if ref_outputs is None or ref_outputs >= ref_out.shape[1]:
             rates.ref_hessian = ref_hessian
             rates.ref_jac = engine_jacobian(model, ref_x, coordinates, metric, seed=seed, method=method)

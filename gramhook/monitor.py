@@ -31,6 +31,7 @@ HISTORY_KEYS = (
     "step", "time", "train_loss", "predicted_gap", "predicted_gap_se", "predicted_test_loss",
     "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
     "effective_gram_gap", "monitor_seconds", "overhead", "probe_train_loss", "probe_gap", "gap_slope",
+    "loss_history_slope",
 )
 
 Schedule = Union[int, Callable[[int], bool], None]
@@ -69,6 +70,9 @@ class MonitorConfig:
             loss; the probe's gap is then corrected by its regression on the per-sample train
             loss (a regression estimator, :func:`gramhook.dynamics.aggregate.regression_estimate`). ``0`` (or any size ≤ the
             probe) uses the probe alone.
+        loss_history: with a train sample, also regress the probe's gaps on each sample's loss
+            integrated over training time (trapezoid over the measurements), a second covariate
+            that keeps samples memorized late apart from those learnt early.
         seed: seed of the probe choice, sketch and reference sampling (private generators).
     """
 
@@ -83,6 +87,7 @@ class MonitorConfig:
     effective_gram_size: int = 32
     method: str = "auto"
     train_sample_size: int = 1024
+    loss_history: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -246,6 +251,11 @@ class GramMonitor:
                                    seed=self.config.seed, device=self.device)
             if sample.x.shape[0] > m:
                 self.train_sample = sample
+                where = {int(i): r for r, i in enumerate(sample.indices.tolist())}
+                self._probe_rows = torch.tensor([where[int(i)] for i in self.probe.indices.tolist()])
+        self._loss_int: Optional[Tensor] = None      # ∫ ℓ dt per train-sample row (loss_history)
+        self._loss_prev: Optional[Tensor] = None
+        self._loss_time = 0.0
         self.holdout = self._tensors(holdout, "holdout", labelled=True)
         self._probe_filter = _ProbeFilter(self.probe.x, self.config.seed)
         self.reference = self._tensors(reference, "reference", labelled=False)
@@ -431,7 +441,11 @@ class GramMonitor:
         sample_losses = None if self.train_sample is None else self._train_sample_losses()
         if sample_losses is not None and not torch.isfinite(sample_losses).all():
             raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
-        train_loss, gap, gap_se, slope = regression_estimate(probe_losses, gaps, sample_losses)
+        probe_hist = sample_hist = None
+        if sample_losses is not None:
+            probe_hist, sample_hist = self._loss_integral(sample_losses, est.time, m)
+        train_loss, gap, gap_se, slope, hist_slope = regression_estimate(
+            probe_losses, gaps, sample_losses, probe_hist, sample_hist)
         record = {
             "step": self.step,
             "time": est.time,
@@ -442,6 +456,7 @@ class GramMonitor:
             "probe_train_loss": float(probe_losses.double().mean()),
             "probe_gap": float(gaps.double().mean()),
             "gap_slope": slope,
+            "loss_history_slope": hist_slope,
             "contraction": est.contraction,
             "perturbation": est.perturbation,
             "alignment": math.nan,
@@ -461,6 +476,22 @@ class GramMonitor:
             )
             self._last_spectrum = torch.linalg.eigvalsh(theta.reshape(self._m_k * self.k, -1) / self._m_k).cpu()
         return record
+
+    def _loss_integral(self, losses: Tensor, time: float, m: int):
+        """``∫ ℓ_i dt`` of every train-sample row up to ``time`` (trapezoid over measurements): the
+        probe's rows and the sample's; ``(None, None)`` while it is zero or when ``loss_history``
+        is off."""
+        if not self.config.loss_history:
+            return None, None
+        losses = losses.detach().double()
+        if self._loss_int is None:
+            self._loss_int = torch.zeros_like(losses)
+        else:
+            self._loss_int = self._loss_int + 0.5 * (self._loss_prev + losses) * max(time - self._loss_time, 0.0)
+        self._loss_prev, self._loss_time = losses, time
+        if not bool((self._loss_int > 0).any()):
+            return None, None
+        return self._loss_int[self._probe_rows], self._loss_int
 
     def _train_sample_losses(self) -> Tensor:
         sample, out = self.train_sample, []
@@ -567,6 +598,7 @@ class GramMonitor:
             "ref_gen": self._ref_gen.get_state(),
             "last_gaps": self._last_gaps,
             "cold_start": self._cold_start,
+            "loss_integral": (self._loss_int, self._loss_prev, self._loss_time),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -582,6 +614,7 @@ class GramMonitor:
         self._ref_gen.set_state(state["ref_gen"])
         self._last_gaps = state["last_gaps"]
         self._cold_start = state.get("cold_start", False)
+        self._loss_int, self._loss_prev, self._loss_time = state.get("loss_integral", (None, None, 0.0))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def detach(self) -> None:

@@ -15,7 +15,7 @@ import torch
 from gramhook.dynamics.engine import EngineConfig, FunctionSpaceEngine, ParameterSpaceEngine
 from gramhook.losses import Loss
 from gramhook.measure import compute_kernel_rates, compute_rates
-from gramhook.optim import read_optimizer
+from gramhook.optim import read_optimizer, step_dt
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ def run_engine(
         eng = FunctionSpaceEngine(cfg, k, loss, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     gaps, estimates, true = {}, {}, {}
-    elapsed, nsteps = 0.0, 0
+    elapsed, nsteps, nsteps_total = 0.0, 0, 0
     for t in range(steps + 1):
         if t % every == 0 or t in checkpoints:
             met = read_optimizer(opt, model)
@@ -105,6 +105,7 @@ def run_engine(
             b = batches[t]
             (problem.loss(model(problem.x[b]), problem.y[b]).sum() / len(b)).backward()
         opt.step()
-        elapsed += lr / (1 - momentum) if momentum else lr
+        elapsed += step_dt(opt, nsteps_total + 1)  # momentum start-up included
+        nsteps_total += 1
         nsteps += 1
     return EngineRun(gaps, estimates, true)

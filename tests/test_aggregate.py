@@ -59,3 +59,28 @@ def test_regression_estimator_beats_the_probe_mean_on_heavy_tails():
     assert rmse(reg) < 0.5 * rmse(plain), (rmse(reg), rmse(plain))
     assert abs(sum(reg) / trials) < 0.1 * rmse(plain)
     assert covered / trials > 0.8  # 0.854: heavy tails make ±2 SE a little short
+
+
+def test_second_covariate_loss_history():
+    """Gaps driven by a loss history that the current loss misses: the two-covariate estimator finds
+    the history slope, drops a covariate whose slope would be negative, and errs less than ℓ alone."""
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    now = torch.rand(n, generator=g, dtype=torch.float64) * 0.1
+    hist = torch.distributions.Exponential(torch.tensor(1.0, dtype=torch.float64)).sample((n,))
+    gap = 0.5 * hist + 0.05 * torch.rand(n, generator=g, dtype=torch.float64)
+    est = regression_estimate(now[:200], gap[:200], now, hist[:200], hist)
+    assert abs(est.history_slope - 0.5) < 0.02 and est.slope < 0.2
+    # a history that anti-correlates with the gap is dropped, leaving the loss-only estimator
+    flipped = regression_estimate(now[:200], gap[:200], now, -hist[:200], -hist)
+    assert flipped.history_slope == 0.0
+    assert math.isclose(flipped.gap, regression_estimate(now[:200], gap[:200], now).gap, rel_tol=1e-12)
+    truth = float(gap.mean())
+    errs_one, errs_two = [], []
+    for _ in range(300):
+        idx = torch.randperm(n, generator=g)
+        p, big = idx[:64], idx[:1024]
+        errs_one.append(regression_estimate(now[p], gap[p], now[big]).gap - truth)
+        errs_two.append(regression_estimate(now[p], gap[p], now[big], hist[p], hist[big]).gap - truth)
+    rmse = lambda v: math.sqrt(sum(x * x for x in v) / len(v))  # noqa: E731
+    assert rmse(errs_two) < 0.5 * rmse(errs_one), (rmse(errs_two), rmse(errs_one))

@@ -340,7 +340,8 @@ def test_train_sample_regression_estimate():
     x, y = _data()
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=64) as mon:
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=64,
+                     loss_history=False) as mon:
         _train(model, opt, x, y, 30)
         assert set(mon.probe.indices.tolist()) <= set(mon.train_sample.indices.tolist())
         assert mon.train_sample.x.shape[0] == 64
@@ -363,3 +364,44 @@ def test_train_sample_regression_estimate():
         assert h["train_loss"] == h["probe_train_loss"] and h["predicted_gap"] == h["probe_gap"]
     with pytest.raises(ValueError, match="train_sample_size"):
         GramMonitor(model, opt, probe=(x, y), n_train=N, train_sample_size=-1)
+
+
+def test_loss_history_covariate():
+    """With ``loss_history`` the gap is also regressed on each train-sample row's loss integrated over
+    the monitor's time (trapezoid over measurements); the probe is the sample's first m rows."""
+    from gramhook.dynamics.aggregate import regression_estimate
+
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    integral, prev, prev_t = None, None, 0.0
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=64) as mon:
+        rows = mon._probe_rows
+        assert torch.equal(mon.train_sample.indices[rows], mon.probe.indices)
+        assert torch.equal(mon.train_sample.x[rows], mon.probe.x)
+
+        def track():
+            nonlocal integral, prev, prev_t
+            with torch.no_grad():
+                now = nn.functional.cross_entropy(model(mon.train_sample.x), mon.train_sample.y, reduction="none").double()
+            t = mon.history[-1]["time"]
+            integral = torch.zeros_like(now) if integral is None else integral + 0.5 * (prev + now) * (t - prev_t)
+            prev, prev_t = now, t
+            return now
+
+        track()
+        for _ in range(3):
+            _train(model, opt, x, y, 10)
+            now = track()
+        assert torch.allclose(mon._loss_int, integral, rtol=1e-5, atol=1e-7)
+        est = regression_estimate(now[rows], mon.per_sample_gap().double(), now, integral[rows], integral)
+        h = mon.history[-1]
+        assert math.isclose(h["predicted_gap"], est.gap, rel_tol=1e-4, abs_tol=1e-9)
+        assert math.isclose(h["loss_history_slope"], est.history_slope, rel_tol=1e-3, abs_tol=1e-9)
+        state = mon.state_dict()
+    other = _model()
+    fresh = GramMonitor(other, torch.optim.SGD(other.parameters(), lr=0.5), probe=(x, y), n_train=N, every=10,
+                        probe_size=16, train_sample_size=64)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh._loss_int, mon._loss_int) and fresh._loss_time == mon._loss_time
+    fresh.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
 __all__ = ["Estimate", "regression_estimate", "MAX_SLOPE"]
@@ -24,22 +25,51 @@ class Estimate(NamedTuple):
     gap: float
     se: float
     slope: float
+    history_slope: float = 0.0
 
 
-def regression_estimate(probe_losses: Tensor, gaps: Tensor, sample_losses: Optional[Tensor] = None) -> Estimate:
-    """Train loss, gap, the gap's standard error and the slope β.
+def _slopes(x: Tensor, g: Tensor, bound: Tensor) -> Tensor:
+    """Least-squares slopes of g on the columns of x (both centred), non-negative and bounded.
+
+    A covariate whose slope comes out negative is dropped and the rest refitted (a gap that falls
+    with the loss is noise here); each slope is then clipped to its ``bound``.
+    """
+    active = list(range(x.shape[1]))
+    beta = torch.zeros(x.shape[1], dtype=x.dtype)
+    while active:
+        xa = x[:, active]
+        gram = xa.T @ xa
+        if float(torch.linalg.matrix_rank(gram, rtol=1e-10)) < len(active):
+            active.pop()          # the last covariate adds nothing independent
+            continue
+        sol = torch.linalg.solve(gram, xa.T @ g)
+        if bool((sol >= 0).all()):
+            beta[active] = sol
+            break
+        active.pop(int(torch.argmin(sol)))
+    return torch.minimum(beta, bound)
+
+
+def regression_estimate(probe_losses: Tensor, gaps: Tensor, sample_losses: Optional[Tensor] = None,
+                        probe_history: Optional[Tensor] = None, sample_history: Optional[Tensor] = None) -> Estimate:
+    """Train loss, gap, the gap's standard error and the slopes.
 
     Args:
         probe_losses: per-sample train losses ``ℓ_i`` of the probe ``(m,)``.
         gaps: per-sample gaps ``g_i`` of the probe ``(m,)``.
         sample_losses: train losses of a larger sample ``(L,)`` of the training set (it may contain
             the probe), or ``None``.
+        probe_history, sample_history: a second covariate on the probe ``(m,)`` and on the larger
+            sample ``(L,)``: the monitor passes each sample's loss integrated over training time,
+            ``∫ ℓ_i dt``. Samples the network memorized late have small losses now but large
+            integrals and large gaps (on MNIST n=500 CE, correlation with the leave-one-out gap
+            0.77 against 0.45–0.59 for the current loss).
 
     Without ``sample_losses``: ``(ℓ̄, ḡ, std(g)/√m, 0)``. With them: the train loss is their mean
-    ``ℓ̄_L`` and the gap ``ḡ + β (ℓ̄_L − ℓ̄)``, where β is the least-squares slope of g on ℓ over the
-    probe, clipped to ``[0, MAX_SLOPE]`` (a gap that falls with the train loss is noise, and a huge
-    slope from a near-constant ℓ would amplify it). Its variance is
-    ``var(g − βℓ)/m + β² var(ℓ_L)/L``.
+    ``ℓ̄_L`` and the gap ``ḡ + Σ_j β_j (x̄_{j,L} − x̄_j)``, where β are the least-squares slopes of g
+    on the covariates over the probe, non-negative (a gap that falls with the train loss is noise)
+    and bounded (ℓ's by MAX_SLOPE, the history's by ``2·std(g)/std(x)`` over the probe): a huge
+    slope from a near-constant covariate would amplify noise. Its variance is ``var(g − Σ β_j x_j)/m + βᵀ Cov_L(x) β / L``.
     """
     m = gaps.shape[0]
     lp, g = probe_losses.double(), gaps.double()
@@ -47,12 +77,25 @@ def regression_estimate(probe_losses: Tensor, gaps: Tensor, sample_losses: Optio
     se = float(g.std(unbiased=True)) / math.sqrt(m) if m > 1 else math.nan
     if sample_losses is None or m < 3 or sample_losses.numel() < 2:
         return Estimate(train_loss, gap, se, 0.0)
-    dl = lp - lp.mean()
-    var = float((dl * dl).sum())
-    slope = float((dl * (g - g.mean())).sum()) / var if var > 1e-12 * max(1.0, float((lp * lp).sum())) else 0.0
-    slope = min(max(slope, 0.0), MAX_SLOPE)
-    big = sample_losses.double()
-    l_train = float(big.mean())
-    resid = g - slope * lp
-    var_gap = float(resid.var(unbiased=True)) / m + slope**2 * float(big.var(unbiased=True)) / big.numel()
-    return Estimate(l_train, gap + slope * (l_train - train_loss), math.sqrt(max(var_gap, 0.0)), slope)
+    cols, big_cols = [lp], [sample_losses.double()]
+    if probe_history is not None and sample_history is not None:
+        cols.append(probe_history.double())
+        big_cols.append(sample_history.double())
+    x, big = torch.stack(cols, 1), torch.stack(big_cols, 1)
+    xc = x - x.mean(0)
+    scale = float((lp * lp).sum())
+    usable = [j for j in range(x.shape[1]) if float((xc[:, j] ** 2).sum()) > 1e-12 * max(1.0, scale if j == 0 else float((x[:, j] ** 2).sum()))]
+    beta = torch.zeros(x.shape[1], dtype=torch.float64)
+    if usable:
+        # ℓ's slope is capped at MAX_SLOPE; another covariate's at twice the largest slope a
+        # univariate fit could give, std(g)/std(x_j) (so a near-constant column cannot blow up).
+        bound = 2 * float(g.std(unbiased=True)) / x.std(0, unbiased=True).clamp(min=1e-300)
+        bound[0] = MAX_SLOPE
+        beta[usable] = _slopes(xc[:, usable], g - g.mean(), bound[usable])
+    l_train = float(big[:, 0].mean())
+    resid = g - x @ beta
+    cov = torch.cov(big.T).reshape(x.shape[1], x.shape[1])
+    var_gap = float(resid.var(unbiased=True)) / m + float(beta @ cov @ beta) / big.shape[0]
+    gap = gap + float((big.mean(0) - x.mean(0)) @ beta)
+    return Estimate(l_train, gap, math.sqrt(max(var_gap, 0.0)), float(beta[0]),
+                    float(beta[1]) if beta.numel() > 1 else 0.0)

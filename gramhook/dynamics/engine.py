@@ -127,6 +127,10 @@ class Rates:
             stands for the whole training set and the monitor sets ``(n − 1)/(m − 1)``, so that the
             other m − 1 probe samples carry the n − 1 others of each leave-one-out run. Sample i's
             own row, whatever its weight, is excluded from its own contraction.
+        own_cotangents: ``(m, q, k)`` rows ``c`` with ``E[Σ c cᵀ] = Λ_i`` (sampled output directions,
+            :func:`gramhook.measure.sampled_half_hessian`): the probe's contraction rows are then
+            ``c J_i`` instead of ``Λ_i^{1/2} J_i``, q rows per sample instead of k. Sample i's own
+            rows are still excluded exactly, since they are the rows that were put in.
     """
 
     outputs: Tensor
@@ -143,6 +147,7 @@ class Rates:
     standin_jac: Optional[Tensor] = None
     standin_hessian: Optional[Tensor] = None
     probe_weight: float = 1.0
+    own_cotangents: Optional[Tensor] = None
     cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def fields(self) -> dict:
@@ -402,14 +407,14 @@ class ParameterSpaceEngine(_Engine):
             w = torch.tensor([self.config.history_decay ** a for a in range(len(blocks) - 1, -1, -1)], dtype=torch.float64)
             w = (w / w.sum()).tolist()
             parts.extend(bl.to(block.device) * math.sqrt(wi) for bl, wi in zip(blocks, w))
-        m, k, d = rates.probe_jac.shape
-        parts.append(self._own_rows(rates).reshape(m * k, d))       # last: the own rows
+        own = self._own_rows(rates)
+        parts.append(own.reshape(-1, own.shape[-1]))               # last: the own rows
         return torch.cat(parts).to(self.delta.dtype)
 
     def _own_rows(self, rates: Rates) -> Tensor:
-        """``z_i = Λ_i^{1/2} J_i · sqrt(probe_weight / n)`` ``(m, k, D)``."""
+        """``z_i = Λ_i^{1/2} J_i · sqrt(probe_weight / n)`` ``(m, k, D)`` (or ``c_i J_i``, ``(m, q, D)``)."""
         if "own" not in rates.cache:
-            half = _sqrt_psd(rates.hessian).to(self.delta.dtype)
+            half = (_sqrt_psd(rates.hessian) if rates.own_cotangents is None else rates.own_cotangents).to(self.delta.dtype)
             jac = rates.probe_jac.to(self.delta.dtype)
             rates.cache["own"] = (half @ jac) * math.sqrt(rates.probe_weight / self.config.n_train)
         return rates.cache["own"]
@@ -458,7 +463,7 @@ class ParameterSpaceEngine(_Engine):
         zp = rows if metric is None else rows * metric
         e, q = _eigh(zp @ rows.T)                                   # (R,), (R, R)
         e = e.clamp(min=0)
-        m, k, _ = rates.probe_jac.shape
+        m, k, _ = self._own_rows(rates).shape                       # k here: own rows per sample
         q_own = q[rows.shape[0] - m * k:].reshape(m, k, -1)         # Q rows of each own row, (m, k, R)
         a = (self.delta @ rows.T) @ q                               # (m, R)
         b, w = _integrate(a, (inj @ rows.T) @ q, (inj_end @ rows.T) @ q, e, q_own, dt, steps)
