@@ -23,7 +23,7 @@ from .losses import resolve_loss
 from .measure import compute_rates
 from .optim import check_optimizer, momentum_is_warm, read_optimizer, step_dt
 from .dynamics.aggregate import regression_estimate
-from .probe import check_probe_against_model, default_probe_size, make_probe
+from .probe import ProbeSet, check_probe_against_model, default_probe_size, make_probe
 
 __all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
 
@@ -111,6 +111,15 @@ class MonitorConfig:
         Mode(self.mode)
         if self.method not in kernel.METHODS:
             raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
+
+
+def _rows_of(probe: ProbeSet, sample: ProbeSet) -> Tensor:
+    """Row of each probe sample in a train sample drawn from the same source (``None`` indices:
+    the whole source, in order)."""
+    def ids(p: ProbeSet):
+        return p.indices.tolist() if p.indices is not None else list(range(p.x.shape[0]))
+    where = {i: r for r, i in enumerate(ids(sample))}
+    return torch.tensor([where[i] for i in ids(probe)], dtype=torch.long)
 
 
 class _Reservoir:
@@ -251,8 +260,7 @@ class GramMonitor:
                                    seed=self.config.seed, device=self.device)
             if sample.x.shape[0] > m:
                 self.train_sample = sample
-                where = {int(i): r for r, i in enumerate(sample.indices.tolist())}
-                self._probe_rows = torch.tensor([where[int(i)] for i in self.probe.indices.tolist()])
+                self._probe_rows = _rows_of(self.probe, sample)
         self._loss_int: Optional[Tensor] = None      # ∫ ℓ dt per train-sample row (loss_history)
         self._loss_prev: Optional[Tensor] = None
         self._loss_time = 0.0
@@ -491,7 +499,7 @@ class GramMonitor:
         self._loss_prev, self._loss_time = losses, time
         if not bool((self._loss_int > 0).any()):
             return None, None
-        return self._loss_int[self._probe_rows], self._loss_int
+        return self._loss_int[self._probe_rows.to(self._loss_int.device)], self._loss_int
 
     def _train_sample_losses(self) -> Tensor:
         sample, out = self.train_sample, []

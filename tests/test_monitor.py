@@ -405,3 +405,9 @@ def test_loss_history_covariate():
     fresh.load_state_dict(state)
     assert torch.equal(fresh._loss_int, mon._loss_int) and fresh._loss_time == mon._loss_time
     fresh.close()
+    # A train sample as large as the data set takes all of it, in order (no indices).
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=10 * N) as mon:
+        assert mon.train_sample.indices is None
+        assert torch.equal(mon.train_sample.x[mon._probe_rows], mon.probe.x)
+        _train(model, opt, x, y, 20)
+        assert mon.history[-1]["loss_history_slope"] >= 0.0
