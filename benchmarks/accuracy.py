@@ -136,7 +136,7 @@ VARIANTS: Dict[str, Dict] = {
     "sketch1024": {"coordinates": 1024},
     "replace": {"mode": "replace"},
     "probe_only": {"train_sample_size": 0},  # no regression correction of the probe by a larger train sample
-    "loss_only": {"loss_history": False},    # regression on the current train loss only, not its integral
+    "loss_history": {"loss_history": True},  # + each sample's loss integrated over time as a second covariate
 }
 BENCH_KEYS = {"every_scale"}
 

@@ -72,7 +72,9 @@ class MonitorConfig:
             probe) uses the probe alone.
         loss_history: with a train sample, also regress the probe's gaps on each sample's loss
             integrated over training time (trapezoid over the measurements), a second covariate
-            that keeps samples memorized late apart from those learnt early.
+            that keeps samples memorized late apart from those learnt early. Off by default: on
+            the accuracy grid it moved single configurations by ±0.1–0.3 both ways and the
+            summary not at all.
         seed: seed of the probe choice, sketch and reference sampling (private generators).
     """
 
@@ -87,7 +89,7 @@ class MonitorConfig:
     effective_gram_size: int = 32
     method: str = "auto"
     train_sample_size: int = 1024
-    loss_history: bool = True
+    loss_history: bool = False
     seed: int = 0
 
     def __post_init__(self):

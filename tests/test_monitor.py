@@ -340,8 +340,7 @@ def test_train_sample_regression_estimate():
     x, y = _data()
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=64,
-                     loss_history=False) as mon:
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=64) as mon:
         _train(model, opt, x, y, 30)
         assert set(mon.probe.indices.tolist()) <= set(mon.train_sample.indices.tolist())
         assert mon.train_sample.x.shape[0] == 64
@@ -375,7 +374,8 @@ def test_loss_history_covariate():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     integral, prev, prev_t = None, None, 0.0
-    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=64) as mon:
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=64,
+                     loss_history=True) as mon:
         rows = mon._probe_rows
         assert torch.equal(mon.train_sample.indices[rows], mon.probe.indices)
         assert torch.equal(mon.train_sample.x[rows], mon.probe.x)
@@ -401,12 +401,13 @@ def test_loss_history_covariate():
         state = mon.state_dict()
     other = _model()
     fresh = GramMonitor(other, torch.optim.SGD(other.parameters(), lr=0.5), probe=(x, y), n_train=N, every=10,
-                        probe_size=16, train_sample_size=64)
+                        probe_size=16, train_sample_size=64, loss_history=True)
     fresh.load_state_dict(state)
     assert torch.equal(fresh._loss_int, mon._loss_int) and fresh._loss_time == mon._loss_time
     fresh.close()
     # A train sample as large as the data set takes all of it, in order (no indices).
-    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=10 * N) as mon:
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=10, probe_size=16, train_sample_size=10 * N,
+                     loss_history=True) as mon:
         assert mon.train_sample.indices is None
         assert torch.equal(mon.train_sample.x[mon._probe_rows], mon.probe.x)
         _train(model, opt, x, y, 20)
