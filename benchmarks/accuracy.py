@@ -134,6 +134,7 @@ VARIANTS: Dict[str, Dict] = {
     "hist4": {"reference_history": 4},       # + the rows of the 3 previous reference batches
     "exact": {"coordinates": "exact"},
     "sketch1024": {"coordinates": 1024},
+    "sketch16k": {"coordinates": 16384},
     "replace": {"mode": "replace"},
     "probe_only": {"train_sample_size": 0},  # no regression correction of the probe by a larger train sample
     "loss_history": {"loss_history": True},  # + each sample's loss integrated over time as a second covariate
