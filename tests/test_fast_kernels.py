@@ -561,3 +561,16 @@ def test_auto_keeps_the_fast_path_on_cpu_by_default():
     import gramhook.kernel as K
 
     assert "cpu" not in K.AUTOTUNE_DEVICES
+
+
+def test_kernels_work_under_no_grad():
+    """Users call diagnostics inside ``torch.no_grad()`` (an eval loop, an optimizer-step hook): the
+    public kernels switch grad mode on for themselves and return the same values, without a graph."""
+    net, x = _build_jac("cnn")
+    want = [flat_jacobian(net, x), empirical_ntk(net, x), sketched_jacobian(net, x, 32, seed=1)]
+    with torch.no_grad():
+        got = [flat_jacobian(net, x), empirical_ntk(net, x), sketched_jacobian(net, x, 32, seed=1)]
+        assert not torch.is_grad_enabled()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) and not a.requires_grad
+    assert flat_jacobian.__doc__ and "Per-sample Jacobians" in flat_jacobian.__doc__

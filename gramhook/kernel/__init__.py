@@ -108,6 +108,7 @@ def _auto(kind: str, model, x: torch.Tensor, key: tuple, fast: Callable[[], torc
     return ref_out if t_ref < t_fast else out
 
 
+@torch.enable_grad()
 def empirical_ntk(model, x1, x2=None, *, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
     """Empirical NTK in the optimizer metric.
 
@@ -142,6 +143,7 @@ def empirical_ntk(model, x1, x2=None, *, preconditioner=None, method="auto", mem
     return _auto("ntk", model, x1, _signature(x1, x2, preconditioner, memory_budget), fast, reference)
 
 
+@torch.enable_grad()
 def gradient_gram(model, loss, x, y, *, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET):
     """Per-sample loss-gradient Gram ``(m, m)``, ``G[i, j] = ⟨∇ℓ_i, P ∇ℓ_j⟩ = r_iᵀ Θ_ij r_j``.
 
@@ -170,6 +172,7 @@ def gradient_gram(model, loss, x, y, *, preconditioner=None, method="auto", memo
     return _auto("gram", model, x, _signature(x, y, loss, preconditioner, memory_budget), fast, reference)
 
 
+@torch.enable_grad()
 def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, method="auto",
                   memory_budget=DEFAULT_MEMORY_BUDGET):
     """Per-sample Jacobians flattened over parameters, columns scaled by ``P**power``: ``(m, k, P)``.
@@ -208,6 +211,7 @@ def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, metho
     return _auto("jacobian", model, x, key, fast, reference)
 
 
+@torch.enable_grad()
 def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET,
                       cotangents=None):
     """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), shape ``(m, k, s)``.
