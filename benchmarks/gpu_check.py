@@ -7,7 +7,8 @@ The test suite runs on CPU (CI has no GPU). This script repeats its GPU-relevant
   preconditioner, the cross-entropy gradient Gram and the flat Jacobian, for the benchmark models
   of ``benchmarks/kernels.py`` (MLP, small CNN, ResNet-18 layout, 4-layer transformer encoder);
   tolerance 1e-6 relative (Frobenius);
-- sketched Jacobians: ``‖ĴĴᵀ − Θ‖_F`` over its Johnson–Lindenstrauss scale
+- sketched Jacobians: ``‖ĴĴᵀ − Θ‖_F`` over its Johnson–Lindenstrauss scale; sketched
+  vector–Jacobian products (``cotangents``) against the contracted full sketch
   ``sqrt((‖Θ‖²_F + tr(Θ)²)/s)`` (≈ 1 for an unbiased sketch; bound 3);
 - autocast (bf16 and fp16) against float32: relative error of the NTK (bound 5e-2);
 - the monitor on the device: 40 SGD steps of the demo CNN with a GramMonitor (every=5) against the
@@ -74,6 +75,12 @@ def kernel_rows(device: str, m: int, s: int):
         scale = math.sqrt((float(theta.norm()) ** 2 + float(theta.trace()) ** 2) / s)
         z = float((j @ j.T - theta).norm()) / scale
         rows.append((name, f"sketch s={s}: err / JL scale", z, z < 3.0))
+        # Sketched vector–Jacobian products (the monitor's reference rows) against the full sketch.
+        cot = torch.randn(m, 2, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+        full = sketched_jacobian(net, x, s, seed=3, method="auto")
+        vjp = sketched_jacobian(net, x, s, seed=3, method="auto", cotangents=cot)
+        err = rel(vjp, torch.einsum("mqk,mks->mqs", cot, full))
+        rows.append((name, "sketch cotangents = contracted sketch", err, err < TOL))
         net32 = net.float()
         x32 = x.float() if x.is_floating_point() else x
         want = empirical_ntk(net32, x32)
