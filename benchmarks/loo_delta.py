@@ -39,14 +39,21 @@ def flat(state: Dict[str, torch.Tensor], names: List[str]) -> torch.Tensor:
     return torch.cat([state[n].reshape(-1).double() for n in names])
 
 
-def monitored(cfg, data, args, init_state, total: int):
-    """The monitored run in exact coordinates; weights and engine δ at each measurement."""
+def _start(cfg, data, args, init_state):
+    """Training tensors, and the model and optimizer every run here starts from."""
     xtr, ytr, _, _, feat = data
-    n = xtr.shape[0]
-    ttr = acc.targets(cfg, ytr)
     model = acc.make_model(cfg, feat)
     model.load_state_dict(init_state)
-    opt = acc.make_opt(cfg, model, args.lr)
+    return xtr, acc.targets(cfg, ytr), xtr.shape[0], model, acc.make_opt(cfg, model, args.lr)
+
+
+def _weights(model) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def monitored(cfg, data, args, init_state, total: int):
+    """The monitored run in exact coordinates; weights and engine δ at each measurement."""
+    xtr, ttr, n, model, opt = _start(cfg, data, args, init_state)
     every = args.every or max(1, round(total / acc.TARGET_MEASUREMENTS))
     monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, every=every, probe_size=args.probe_size,
                           seed=args.seed, coordinates="exact",
@@ -55,7 +62,7 @@ def monitored(cfg, data, args, init_state, total: int):
 
     def snap():
         step = monitor.history[-1]["step"]
-        snaps[step] = dict(state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        snaps[step] = dict(state=_weights(model),
                            delta=monitor.engine.delta[: args.k].detach().double().clone(),
                            gaps=monitor.per_sample_gap()[: args.k].double().clone(),
                            time=monitor.history[-1]["time"])
@@ -78,16 +85,11 @@ def monitored(cfg, data, args, init_state, total: int):
 
 def loo_states(cfg, data, args, init_state, total: int, drop: int, steps: List[int]):
     """Coupled LOO run without ``drop``; its weights at ``steps``."""
-    xtr, ytr, _, _, feat = data
-    n = xtr.shape[0]
-    ttr = acc.targets(cfg, ytr)
-    model = acc.make_model(cfg, feat)
-    model.load_state_dict(init_state)
-    opt = acc.make_opt(cfg, model, args.lr)
+    xtr, ttr, n, model, opt = _start(cfg, data, args, init_state)
     gen = torch.Generator().manual_seed(args.seed + 1)
     want, out, step = set(steps), {}, 0
     if 0 in want:
-        out[0] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        out[0] = _weights(model)
     model.train()
     for idx in acc.minibatches(n, args.batch_size, total, gen):
         opt.zero_grad(set_to_none=True)
@@ -96,7 +98,7 @@ def loo_states(cfg, data, args, init_state, total: int, drop: int, steps: List[i
         opt.step()
         step += 1
         if step in want:
-            out[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            out[step] = _weights(model)
     return out
 
 
@@ -131,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ttr = acc.targets(cfg, ytr)
     torch.manual_seed(args.seed)
     model = acc.make_model(cfg, data[4])
-    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    init_state = _weights(model)
     total = cfg.epochs * math.ceil(xtr.shape[0] / args.batch_size)
     snaps, probe_idx = monitored(cfg, data, args, init_state, total)
     steps = sorted(snaps)

@@ -83,8 +83,8 @@ def regression_estimate(probe_losses: Tensor, gaps: Tensor, sample_losses: Optio
         big_cols.append(sample_history.double())
     x, big = torch.stack(cols, 1), torch.stack(big_cols, 1)
     xc = x - x.mean(0)
-    scale = float((lp * lp).sum())
-    usable = [j for j in range(x.shape[1]) if float((xc[:, j] ** 2).sum()) > 1e-12 * max(1.0, scale if j == 0 else float((x[:, j] ** 2).sum()))]
+    # A covariate that is constant over the probe (to rounding) carries no slope.
+    usable = [j for j in range(x.shape[1]) if float((xc[:, j] ** 2).sum()) > 1e-12 * max(1.0, float((x[:, j] ** 2).sum()))]
     beta = torch.zeros(x.shape[1], dtype=torch.float64)
     if usable:
         # ℓ's slope is capped at MAX_SLOPE; another covariate's at twice the largest slope a
