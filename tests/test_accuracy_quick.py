@@ -45,6 +45,7 @@ def test_quick_mnist_mlp_prediction_tracks_measured_test_loss():
     # GCV baseline and holdout baseline computed and finite.
     assert math.isfinite(res["gcv_fin_val"])
     assert res["stop_orc"] >= 1.0 and res["hold_orc"] > 0
+    assert res["best_orc"] >= 1.0 and math.isfinite(res["hold_best_orc"])
 
 
 def test_variants_build_monitors_and_dense_scales_patience():
@@ -87,10 +88,11 @@ def test_label_noise_flips_test_labels_too():
 def test_goal_summary():
     bench = _load_benchmark()
     rows = [dict(med_err=0.05, fin_err=0.1, gcv_med=0.2, stop_orc=1.0, hold_orc=1.1, gap_pred=g, gap_meas=g + 0.01,
-                 gcv_gap=-g, ovh=1.0, wall_s=1.0) for g in (0.1, 0.2, 0.3, 0.4)]
-    rows.append(dict(rows[0], med_err=0.5, stop_orc=1.2, gap_pred=0.5, gap_meas=0.0))
+                 gcv_gap=-g, ovh=1.0, wall_s=1.0, best_orc=1.0, hold_best_orc=1.0) for g in (0.1, 0.2, 0.3, 0.4)]
+    rows.append(dict(rows[0], med_err=0.5, stop_orc=1.2, gap_pred=0.5, gap_meas=0.0, best_orc=1.01, hold_best_orc=1.0))
     g = bench.goal_summary(rows)
     assert g["acc_frac"] == 0.8 and g["gcv_better_frac"] == 0.8 and g["stop_frac"] == 0.8
+    assert g["best_frac"] == 0.8  # 1.01 ≤ 1.02 but worse than the holdout's restored best
     text = "\n".join(bench.goal_lines(rows))
     assert text.count("PASS") == 3 and text.count("MISS") == 1
     assert abs(g["spearman"]) < 1e-9  # the fifth config reverses the ranking
