@@ -412,3 +412,22 @@ def test_loss_history_covariate():
         assert torch.equal(mon.train_sample.x[mon._probe_rows], mon.probe.x)
         _train(model, opt, x, y, 20)
         assert mon.history[-1]["loss_history_slope"] >= 0.0
+
+
+def test_reference_rows_are_sampled_output_directions():
+    """By default each captured reference sample enters the contraction through one output direction
+    drawn from its Λ (``reference_outputs=1``), and so do the probe's own rows; ``None`` keeps all k."""
+    x, y = _data()
+    for q, want in ((1, 1), (None, 3)):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with GramMonitor(model, opt, probe=(x, y), n_train=N, every=5, probe_size=8, reference_size=12,
+                         reference_outputs=q) as mon:
+            _train(model, opt, x, y, 5)
+            rates = mon.engine._pending
+            assert rates.ref_jac is not None and rates.ref_jac.shape[1] == want
+            assert 6 <= rates.ref_jac.shape[0] <= 12  # the reservoir's rows, probe rows left out
+            assert (rates.own_cotangents is None) == (q is None)
+            if q is not None:
+                assert rates.own_cotangents.shape == (8, 1, 3)
+                assert mon.engine._own_rows(rates).shape[:2] == (8, 1)
