@@ -136,6 +136,7 @@ VARIANTS: Dict[str, Dict] = {
     "ref32": {"reference_size": 32, "reference_outputs": None},   # the default before: 32 samples, all k outputs
     "ref128": {"reference_size": 128, "reference_outputs": None},
     "hist4": {"reference_history": 4},       # + the rows of the 3 previous reference batches
+    "trapezoid": {"contraction": "trapezoid"},  # contraction averaged over an interval's two ends
     "exact": {"coordinates": "exact"},
     "sketch1024": {"coordinates": 1024},
     "sketch16k": {"coordinates": 16384},

@@ -60,6 +60,8 @@ class MonitorConfig:
             weighted 0.7 per measurement back) whose rows make up the contraction between two
             measurements: a smoothed, higher-rank estimate of the Gauss–Newton matrix at no extra
             Jacobian cost (memory: that many batches of sketched rows).
+        contraction: ``"left"`` (the contraction measured at an interval's start) or
+            ``"trapezoid"`` (the average of the start's and the end's).
         mode: ``"loo"`` or ``"replace"`` (replace-one with the other probe samples, or the
             holdout when given, as stand-in).
         effective_gram_size: m_K, the sub-probe size for the effective Gram matrix K_n
@@ -85,6 +87,7 @@ class MonitorConfig:
     reference_size: int = 320
     reference_outputs: Optional[int] = 1
     reference_history: int = 1
+    contraction: str = "left"
     mode: str = "loo"
     effective_gram_size: int = 32
     method: str = "auto"
@@ -289,7 +292,8 @@ class GramMonitor:
         # The probe's own rows enter the contraction exactly (weight 1/n each) and the reference batch
         # stands for the other n − m samples, so the own-sample exclusion is exact (THEORY §3(a)).
         self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin,
-                                          reference_history=self.config.reference_history)
+                                          reference_history=self.config.reference_history,
+                                          contraction=self.config.contraction)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         coords = self.config.coordinates
         if coords == "auto":

@@ -128,3 +128,25 @@ def test_reference_history_survives_state_dict():
     for r in seq[3:]:
         ea, eb = a.measure(0.2, r), b.measure(0.2, r)
         assert torch.allclose(ea.per_sample, eb.per_sample, atol=1e-12)
+
+
+def test_trapezoid_contraction():
+    """``contraction="trapezoid"`` averages the interval's start and end operators: with the same rows
+    at both ends it is the left rule exactly; with different ones it differs from the left rule."""
+    loss = resolve_loss("mse")
+
+    def run(rule, same):
+        g = torch.Generator().manual_seed(5)
+        base = _rates(g)
+        e = ParameterSpaceEngine(EngineConfig(n_train=50, m=3, contraction=rule), 7, loss, dtype=torch.float64)
+        for j in range(3):
+            r = _rates(g)
+            if same:
+                r.ref_jac, r.probe_jac = base.ref_jac, base.probe_jac
+            est = e.measure(0.0 if j == 0 else 2.0, r)
+        return est.per_sample
+
+    assert torch.allclose(run("left", True), run("trapezoid", True), atol=1e-12)
+    assert not torch.allclose(run("left", False), run("trapezoid", False), atol=1e-6)
+    with pytest.raises(ValueError, match="contraction"):
+        EngineConfig(n_train=50, m=3, contraction="midpoint")

@@ -75,6 +75,8 @@ class EngineConfig:
             of a smoothed estimate of H"); 1 uses the current batch alone.
         history_decay: weight ratio of each earlier batch to the next newer one; the weights are
             normalized to sum to one, so the rows still estimate H.
+        contraction: ``"left"`` applies the contraction measured at an interval's start;
+            ``"trapezoid"`` averages the start's and the end's (see ``_interval_rows``).
     """
 
     n_train: int
@@ -83,6 +85,7 @@ class EngineConfig:
     standin: Standin = Standin.PROBE
     reference_history: int = 1
     history_decay: float = 0.7
+    contraction: str = "left"
 
     def __post_init__(self):
         object.__setattr__(self, "mode", Mode(self.mode))
@@ -98,6 +101,8 @@ class EngineConfig:
             raise ValueError("Replace-one with the probe as stand-in needs at least two probe samples.")
         if isinstance(self.reference_history, bool) or not isinstance(self.reference_history, int) or self.reference_history < 1:
             raise ValueError(f"reference_history must be a positive int (1: the current batch only), got {self.reference_history!r}.")
+        if self.contraction not in ("left", "trapezoid"):
+            raise ValueError(f"contraction must be 'left' or 'trapezoid', got {self.contraction!r}.")
         if not 0.0 < self.history_decay <= 1.0:
             raise ValueError(f"history_decay must lie in (0, 1], got {self.history_decay!r}.")
 
@@ -459,11 +464,11 @@ class ParameterSpaceEngine(_Engine):
         inj = self._injection(rates).to(dtype)
         inj_end = self._injection(end).to(dtype)
         metric = None if rates.metric is None else rates.metric.to(dtype)
-        rows = self._rows(rates)                                    # (R, D)
+        rows, own = self._interval_rows(rates, end)                 # (R, D), own rows (m, k, D)
         zp = rows if metric is None else rows * metric
         e, q = _eigh(zp @ rows.T)                                   # (R,), (R, R)
         e = e.clamp(min=0)
-        m, k, _ = self._own_rows(rates).shape                       # k here: own rows per sample
+        m, k, _ = own.shape                                         # k here: own rows per sample
         q_own = q[rows.shape[0] - m * k:].reshape(m, k, -1)         # Q rows of each own row, (m, k, R)
         a = (self.delta @ rows.T) @ q                               # (m, R)
         b, w = _integrate(a, (inj @ rows.T) @ q, (inj_end @ rows.T) @ q, e, q_own, dt, steps)
@@ -480,6 +485,26 @@ class ParameterSpaceEngine(_Engine):
         if rates.decay is not None:
             d = d * torch.exp(-dt * torch.as_tensor(rates.decay, dtype=dtype, device=d.device))
         self.delta = d
+
+    def _interval_rows(self, rates: Rates, end: Rates):
+        """Contraction rows of an interval and the own rows among them (last, sample-major).
+
+        ``"left"``: the rows at the interval's start. ``"trapezoid"``: both ends' rows, each
+        weighted 1/2, so the exponent is ``dt·(H_start + H_end)/2`` (second order in dt where H
+        moves, as it does fast early in training); sample i's own rows at both ends are excluded.
+        """
+        rows, own = self._rows(rates), self._own_rows(rates)
+        if self.config.contraction == "left" or end is rates:
+            return rows, own
+        own_end = self._own_rows(end)
+        if own_end.shape != own.shape:
+            return rows, own
+        half = math.sqrt(0.5)
+        ref_start = rows[: rows.shape[0] - own.shape[0] * own.shape[1]]
+        ref_end = self._ref_block(end)
+        both = torch.cat([own, own_end.to(own.dtype)], 1) * half
+        parts = [ref_start * half] + ([] if ref_end is None else [ref_end.to(rows.dtype) * half])
+        return torch.cat(parts + [both.reshape(-1, both.shape[-1])]), both
 
     def measure(self, dt: float, rates: Rates, steps: Optional[int] = None) -> GapEstimate:
         est = super().measure(dt, rates, steps)
