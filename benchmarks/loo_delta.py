@@ -56,7 +56,7 @@ def monitored(cfg, data, args, init_state, total: int):
     xtr, ttr, n, model, opt = _start(cfg, data, args, init_state)
     every = args.every or max(1, round(total / acc.TARGET_MEASUREMENTS))
     monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, every=every, probe_size=args.probe_size,
-                          seed=args.seed, coordinates="exact",
+                          seed=args.seed, coordinates=args.coordinates,
                           loss="mse" if cfg.loss == "mse" else "cross_entropy", **args.extra)
     snaps = {}
 
@@ -64,6 +64,7 @@ def monitored(cfg, data, args, init_state, total: int):
         step = monitor.history[-1]["step"]
         snaps[step] = dict(state=_weights(model),
                            delta=monitor.engine.delta[: args.k].detach().double().clone(),
+                           u=monitor.engine._own_outputs(monitor.engine._pending)[: args.k].detach().double().clone(),
                            gaps=monitor.per_sample_gap()[: args.k].double().clone(),
                            time=monitor.history[-1]["time"])
 
@@ -114,6 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--probe-size", type=int, default=64)
     p.add_argument("--every", type=int, default=None)
+    p.add_argument("--coordinates", default="exact", help="monitor coordinates: exact or a sketch size (δ columns need exact)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -121,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: accuracy.py's 0.9)")
     p.add_argument("--set", nargs="*", default=[], help="extra GramMonitor keywords, key=value")
     args = p.parse_args(argv)
+    args.coordinates = args.coordinates if args.coordinates == "exact" else int(args.coordinates)
     args.extra = {kv.split("=")[0]: eval(kv.split("=", 1)[1]) for kv in args.set}  # noqa: S307 (bench flag)
     torch.set_num_threads(args.threads)
     if args.momentum is not None:
@@ -141,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     per_sample = resolve_loss("mse" if cfg.loss == "mse" else "cross_entropy")
     loo = [loo_states(cfg, data, args, init_state, total, j, steps) for j in probe_idx]
     xk, tk = xtr[probe_idx], ttr[probe_idx]
-    print(f"# {cfg.name}: K={len(probe_idx)}, exact coordinates, steps {steps[-1]}, every {steps[1] - steps[0]}")
+    print(f"# {cfg.name}: K={len(probe_idx)}, coordinates {args.coordinates}, steps {steps[-1]}, every {steps[1] - steps[0]}")
     print("| step | t | LOO | LOO lin | engine | engine/LOO | lin/LOO | |δ| ratio | cos | |Jδ| ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     extra = ["", "first-order rᵀu and second-order ½uᵀΛu of the own-output perturbation (mean over K)", "",
@@ -171,16 +174,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 u = jac[i] @ d_true
                 g_lin.append(float(per_sample(f[i:i + 1] + u, tk[i:i + 1]) - base[i]))
                 nt = float(d_true.norm())
-                nr.append(float(d_eng.norm()) / nt if nt > 0 else math.nan)
-                cs.append(float(d_eng @ d_true) / (float(d_eng.norm()) * nt) if nt > 0 and d_eng.norm() > 0 else math.nan)
-                ue = jac[i] @ d_eng
+                exact = d_eng.numel() == d_true.numel()   # δ comparable only in exact coordinates
+                nr.append(float(d_eng.norm()) / nt if nt > 0 and exact else math.nan)
+                cs.append(float(d_eng @ d_true) / (float(d_eng.norm()) * nt) if exact and nt > 0 and d_eng.norm() > 0 else math.nan)
+                ue = sn["u"][i]                            # the engine's own-output perturbation
 
                 def split(v):
                     quad = float(v @ (lam[i] @ v)) / 2 if lam is not None else float(v @ v) / 2
                     return float(res[i] @ v), quad
                 parts.append(split(u) + split(ue))
                 ju = float(u.norm())
-                jr.append(float((jac[i] @ d_eng).norm()) / ju if ju > 0 else math.nan)
+                jr.append(float(ue.norm()) / ju if ju > 0 else math.nan)
         lt, ll, le = sum(g_true) / len(g_true), sum(g_lin) / len(g_lin), float(sn["gaps"].mean())
         pm = torch.tensor(parts).mean(0).tolist() if parts else [math.nan] * 4
         extra.append(f"| {s} | {pm[0]:.4f} | {pm[1]:.4f} | {pm[2]:.4f} | {pm[3]:.4f} |")
