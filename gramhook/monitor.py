@@ -111,8 +111,6 @@ class MonitorConfig:
             raise ValueError(f"`reference_size` must be positive, got {self.reference_size}.")
         if self.reference_outputs is not None and (isinstance(self.reference_outputs, bool) or not isinstance(self.reference_outputs, int) or self.reference_outputs < 1):
             raise ValueError(f"`reference_outputs` must be None (all outputs) or a positive int, got {self.reference_outputs!r}.")
-        if isinstance(self.reference_history, bool) or not isinstance(self.reference_history, int) or self.reference_history < 1:
-            raise ValueError(f"`reference_history` must be a positive int (1: the current batch only), got {self.reference_history!r}.")
         Mode(self.mode)
         if self.method not in kernel.METHODS:
             raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
