@@ -34,7 +34,8 @@ monitor's ``should_stop`` patience is scaled to cover the same number of optimiz
 5 at the default cadence); the holdout baseline always runs at the default cadence, and it is
 computed once per configuration and shared by all variants. With one variant, outputs go to
 ``--out``; with several, each variant gets ``--out/<variant>/`` and ``--out/variants.md`` holds a
-side-by-side summary.
+side-by-side summary. Variants compose with ``+``: ``probe256+mseed2`` applies both (later parts
+win where keys clash).
 
 Per configuration:
 
@@ -131,6 +132,7 @@ PATIENCE = 5
 VARIANTS: Dict[str, Dict] = {
     "default": {},                           # probe --probe-size (64), --coordinates (sketch 4096), ~20 measurements
     "probe128": {"probe_size": 128},
+    "probe256": {"probe_size": 256},
     "dense": {"every_scale": 0.5},           # measure twice as often
     "dense4": {"every_scale": 0.25},         # four times as often
     "ref32": {"reference_size": 32, "reference_outputs": None},   # the default before: 32 samples, all k outputs
@@ -143,6 +145,10 @@ VARIANTS: Dict[str, Dict] = {
     "replace": {"mode": "replace"},
     "probe_only": {"train_sample_size": 0},  # no regression correction of the probe by a larger train sample
     "loss_history": {"loss_history": True},  # + each sample's loss integrated over time as a second covariate
+    # The monitor's own randomness only (probe draw, sketch, reference rows); training is unchanged.
+    "mseed1": {"seed": 101},
+    "mseed2": {"seed": 202},
+    "mseed3": {"seed": 303},
 }
 BENCH_KEYS = {"every_scale"}
 
@@ -298,13 +304,29 @@ def rel(pred: float, meas: float) -> float:
     return abs(pred - meas) / meas
 
 
+def variant_settings(name: str) -> Dict:
+    """The overrides of a variant name; ``a+b`` merges ``a``'s and ``b``'s (``b`` wins)."""
+    over: Dict = {}
+    for part in name.split("+"):
+        over.update(VARIANTS[part])
+    return over
+
+
+def _variant_name(name: str) -> str:
+    """argparse type: a registered variant or a ``+``-composition of them."""
+    unknown = [part for part in name.split("+") if part not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return name
+
+
 def monitor_settings(cfg: Config, n: int, total: int, args, variant: str):
     """GramMonitor keyword arguments for a variant, and the benchmark's own knobs.
 
     Returns ``(kwargs, default_every, patience)``.
     """
     default_every = getattr(args, "every", None) or max(1, round(total / TARGET_MEASUREMENTS))
-    over = dict(VARIANTS[variant])
+    over = variant_settings(variant)
     scale = over.pop("every_scale", None)
     kwargs = dict(every=default_every, probe_size=getattr(args, "probe_size", 64),
                   seed=getattr(args, "seed", 0), coordinates=getattr(args, "coordinates", 4096))
@@ -714,8 +736,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="mnist n=500 MLP CE SGD and digits MLP, 5 epochs")
     p.add_argument("--configs", nargs="*", default=None, help="keep configs whose name contains any substring")
-    p.add_argument("--variant", nargs="+", default=["default"], choices=sorted(VARIANTS), metavar="NAME",
-                   help=f"estimator variant(s), side by side: {', '.join(VARIANTS)} (default: default)")
+    p.add_argument("--variant", nargs="+", default=["default"], type=_variant_name, metavar="NAME",
+                   help=f"estimator variant(s), side by side: {', '.join(VARIANTS)}; compose with '+', "
+                        "e.g. probe256+mseed2 (default: default)")
     p.add_argument("--epochs", type=int, default=None, help="override each config's epochs")
     p.add_argument("--probe-size", type=int, default=64)
     p.add_argument("--every", type=int, default=None, help=f"default: about {TARGET_MEASUREMENTS} measurements")
@@ -745,7 +768,7 @@ def main(argv=None) -> int:
             f"thread(s), probe {args.probe_size}, patience {PATIENCE}, coordinates {args.coordinates}, "
             f"seed {args.seed}, gramhook sources sha256 {source_fingerprint()}, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    headers = {v: f"# gramhook accuracy benchmark — variant `{v}` {VARIANTS[v]}\n\n{base}" for v in variants}
+    headers = {v: f"# gramhook accuracy benchmark — variant `{v}` {variant_settings(v)}\n\n{base}" for v in variants}
     by_variant: Dict[str, List[Dict]] = {v: [] for v in variants}
     start = time.perf_counter()
     for cfg in configs:

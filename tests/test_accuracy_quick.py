@@ -71,6 +71,18 @@ def test_variants_build_monitors_and_dense_scales_patience():
             assert kwargs["every"] == default_every == 10 and patience == bench.PATIENCE
 
 
+def test_variants_compose_with_plus():
+    bench = _load_benchmark()
+    cfg = bench.Config("digits", 400, "mlp", "ce", "sgd")
+    args = argparse.Namespace(seed=0, every=None, probe_size=64, coordinates=64)
+    kwargs, _, _ = bench.monitor_settings(cfg, 400, 200, args, "probe256+mseed2+dense")
+    assert kwargs["probe_size"] == 256 and kwargs["seed"] == bench.VARIANTS["mseed2"]["seed"]
+    assert kwargs["every"] == 5                       # dense halves the default 10
+    assert bench._variant_name("probe256+mseed1") == "probe256+mseed1"
+    with pytest.raises(argparse.ArgumentTypeError, match="nosuch"):
+        bench._variant_name("probe256+nosuch")
+
+
 def test_label_noise_flips_test_labels_too():
     pytest.importorskip("sklearn")
     bench = _load_benchmark()
