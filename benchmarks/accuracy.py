@@ -60,6 +60,9 @@ Per configuration:
   gap (measured test loss − loss on the whole training set, eval mode, at the end).
 - ``clean_fin`` / ``cln_med``: label-noise configurations only differ from ``meas_fin`` /
   ``med_err``: see "Label noise" above.
+- ``top5``: share of the probe's summed final gap carried by its 5% largest per-sample gaps (at
+  least one sample). Near 1, a handful of samples carry the estimate and its sampling error is
+  large (``accuracy_per_sample.csv`` holds every probe sample's final gap and train loss).
 - ``ovh``: sum of ``monitor_seconds`` over the history (step-0 measurement included) over the
   training seconds (forward/backward/step minus the monitor). Test-loss evaluation and the GCV
   baseline are in neither.
@@ -133,6 +136,7 @@ VARIANTS: Dict[str, Dict] = {
     "default": {},                           # probe --probe-size (64), --coordinates (sketch 4096), ~20 measurements
     "probe128": {"probe_size": 128},
     "probe256": {"probe_size": 256},
+    "probe_all": {"probe_size": 1 << 30},    # the whole training set: no probe-sampling error left
     "dense": {"every_scale": 0.5},           # measure twice as often
     "dense4": {"every_scale": 0.25},         # four times as often
     "ref32": {"reference_size": 32, "reference_outputs": None},   # the default before: 32 samples, all k outputs
@@ -403,7 +407,8 @@ def run_monitored(cfg: Config, data: Data, args, variant: str = "default") -> Di
     wall = time.perf_counter() - wall
     full_train_loss = evaluate(cfg, model, xtr, ttr)
     monitor_seconds = sum(r["monitor_seconds"] for r in monitor.history)
-    return dict(rows=rows, stop_step=stop_step, every=kwargs["every"], default_every=default_every,
+    per_sample = None if monitor._last_gaps is None else (monitor._last_gaps.double(), probe_losses(cfg, model, monitor))
+    return dict(rows=rows, stop_step=stop_step, every=kwargs["every"], default_every=default_every, per_sample=per_sample,
                 patience=patience, total=total, m=m, init_state=init_state,
                 wall=wall, train_seconds=max(train_seconds, 1e-9), monitor_seconds=monitor_seconds,
                 gcv_seconds=gcv_seconds, test_seconds=test_seconds, full_train_loss=full_train_loss,
@@ -457,6 +462,25 @@ def run_holdout(cfg: Config, data: Data, args, init_state, every: int) -> Dict:
     return dict(stop_step=stop_step, stop_test=stop_test, best_test=best_test, min_test=min(tests))
 
 
+def probe_losses(cfg: Config, model, monitor) -> torch.Tensor:
+    """Per-sample train losses of the probe at the end (the monitor's loss, eval mode)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = monitor.loss(model(monitor.probe.x), monitor.probe.y).double()
+    model.train(was)
+    return out
+
+
+def top_share(gaps: torch.Tensor, frac: float = 0.05) -> float:
+    """Share of ``gaps.sum()`` carried by the ``frac`` largest entries (at least one)."""
+    total = float(gaps.sum())
+    if not math.isfinite(total) or total <= 0:
+        return math.nan
+    k = max(1, int(round(frac * gaps.numel())))
+    return float(gaps.sort(descending=True).values[:k].sum()) / total
+
+
 def summarize(cfg: Config, mon: Dict, hold: Dict) -> Dict:
     rows = mon["rows"]
     later = [r for r in rows if r["step"] > 0]
@@ -497,7 +521,9 @@ def summarize(cfg: Config, mon: Dict, hold: Dict) -> Dict:
         "best_orc": at_best / oracle, "hold_best_orc": hold["best_test"] / oracle,
         "gap_pred": last["predicted_gap"], "gcv_gap": last["gcv_test_loss"] - last["train_loss"],
         "gap_meas": last["measured_test_loss"] - mon["full_train_loss"],
+        "top5": top_share(mon["per_sample"][0]) if mon.get("per_sample") else math.nan,
         "wall_s": mon["wall"], "ovh": mon["monitor_seconds"] / mon["train_seconds"],
+        "per_sample": mon.get("per_sample"),
     }
 
 
@@ -508,8 +534,9 @@ COLUMNS = [
     ("pred_fin", "{:.4f}"), ("meas_fin", "{:.4f}"), ("clean_fin", "{:.4f}"), ("cln_med", "{:.3f}"),
     ("stop_step", "{}"), ("stop_orc", "{:.3f}"),
     ("hold_step", "{}"), ("hold_orc", "{:.3f}"), ("hold_own", "{:.3f}"), ("best_orc", "{:.3f}"), ("hold_best_orc", "{:.3f}"), ("gap_pred", "{:.4f}"),
-    ("gap_meas", "{:.4f}"), ("wall_s", "{:.1f}"), ("ovh", "{:.2f}"),
+    ("gap_meas", "{:.4f}"), ("top5", "{:.2f}"), ("wall_s", "{:.1f}"), ("ovh", "{:.2f}"),
 ]
+NOT_CSV = {"rows", "per_sample"}
 
 
 def fmt(key, spec, v):
@@ -704,10 +731,17 @@ def write_results(results: List[Dict], out: Path, header: str) -> str:
     table = markdown(results, header)
     (out / "accuracy.md").write_text(table + "\n")
     with open(out / "accuracy.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[k for k in results[0] if k != "rows"])
+        w = csv.DictWriter(f, fieldnames=[k for k in results[0] if k not in NOT_CSV])
         w.writeheader()
         for r in results:
-            w.writerow({k: v for k, v in r.items() if k != "rows"})
+            w.writerow({k: v for k, v in r.items() if k not in NOT_CSV})
+    with open(out / "accuracy_per_sample.csv", "w", newline="") as f:  # final per-sample probe gaps
+        w = csv.writer(f)
+        w.writerow(["config", "sample", "gap", "train_loss"])
+        for r in results:
+            if r.get("per_sample"):
+                for i, (g, l) in enumerate(zip(*(t.tolist() for t in r["per_sample"]))):
+                    w.writerow([r["config"], i, g, l])
     with open(out / "accuracy_rows.csv", "w", newline="") as f:  # every measurement of every config
         w = None
         for r in results:

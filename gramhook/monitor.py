@@ -22,7 +22,7 @@ from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin
 from .losses import resolve_loss
 from .measure import compute_rates
 from .optim import check_optimizer, momentum_is_warm, read_optimizer, step_dt
-from .dynamics.aggregate import regression_estimate
+from .dynamics.aggregate import effective_samples, regression_estimate
 from .probe import ProbeSet, check_probe_against_model, default_probe_size, make_probe
 
 __all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
@@ -31,7 +31,7 @@ HISTORY_KEYS = (
     "step", "time", "train_loss", "predicted_gap", "predicted_gap_se", "predicted_test_loss",
     "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
     "effective_gram_gap", "monitor_seconds", "overhead", "probe_train_loss", "probe_gap", "gap_slope",
-    "loss_history_slope",
+    "loss_history_slope", "gap_effective_samples",
 )
 
 Schedule = Union[int, Callable[[int], bool], None]
@@ -469,6 +469,7 @@ class GramMonitor:
             "probe_gap": float(gaps.double().mean()),
             "gap_slope": slope,
             "loss_history_slope": hist_slope,
+            "gap_effective_samples": effective_samples(gaps),
             "contraction": est.contraction,
             "perturbation": est.perturbation,
             "alignment": math.nan,

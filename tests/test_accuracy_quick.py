@@ -5,6 +5,7 @@ benchmark itself reports the real accuracy numbers. Also checks the variant regi
 label-noise test labels and the goal summary. ~12 s on one CPU thread.
 """
 import argparse
+import collections
 import importlib.util
 import math
 import sys
@@ -42,6 +43,24 @@ def test_quick_mnist_mlp_prediction_tracks_measured_test_loss():
     # The predicted gap must be positive and of the measured gap's order at the end.
     assert res["gap_pred"] > 0
     assert 0.25 < res["gap_pred"] / res["gap_meas"] < 4.0
+    # Per-sample final gaps and losses of the whole probe; top5 is the share of its 3 largest gaps.
+    gaps, losses = res["per_sample"]
+    assert gaps.shape == losses.shape == (64,)
+    assert res["top5"] == pytest.approx(float(gaps.sort(descending=True).values[:3].sum() / gaps.sum()))
+    assert 0.05 <= res["top5"] <= 1.0
+
+
+def test_results_files_hold_per_sample_gaps(tmp_path):
+    bench = _load_benchmark()
+    gaps, losses = torch.tensor([0.5, 0.0, 3.0]), torch.tensor([0.1, 0.01, 0.9])
+    res = collections.defaultdict(lambda: 1.0, {k: 1.0 for k, _ in bench.COLUMNS})   # any other column: 1.0
+    res.update(config="c", top5=bench.top_share(gaps), rows=[], per_sample=(gaps, losses))
+    bench.write_results([res], tmp_path, "# header")
+    lines = (tmp_path / "accuracy_per_sample.csv").read_text().splitlines()
+    assert lines[0] == "config,sample,gap,train_loss" and len(lines) == 4
+    assert lines[3].startswith("c,2,3.0,")
+    assert "per_sample" not in (tmp_path / "accuracy.csv").read_text().splitlines()[0]
+    assert res["top5"] == pytest.approx(3.0 / 3.5)
     # GCV baseline and holdout baseline computed and finite.
     assert math.isfinite(res["gcv_fin_val"])
     assert res["stop_orc"] >= 1.0 and res["hold_orc"] > 0

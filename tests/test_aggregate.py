@@ -1,9 +1,10 @@
 """The regression estimator that turns per-sample probe gaps into a predicted test loss."""
 import math
 
+import pytest
 import torch
 
-from gramhook.dynamics.aggregate import MAX_SLOPE, regression_estimate
+from gramhook.dynamics.aggregate import MAX_SLOPE, effective_samples, regression_estimate
 
 
 def _population(n=2000, seed=0):
@@ -84,3 +85,14 @@ def test_second_covariate_loss_history():
         errs_two.append(regression_estimate(now[p], gap[p], now[big], hist[p], hist[big]).gap - truth)
     rmse = lambda v: math.sqrt(sum(x * x for x in v) / len(v))  # noqa: E731
     assert rmse(errs_two) < 0.5 * rmse(errs_one), (rmse(errs_two), rmse(errs_one))
+
+
+def test_effective_samples_of_the_gap():
+    assert effective_samples(torch.full((64,), 0.3)) == pytest.approx(64)
+    assert effective_samples(torch.tensor([0.0, 5.0, 0.0, -0.1])) == pytest.approx(1)
+    assert math.isnan(effective_samples(torch.zeros(8)))
+    # Its link to the standard error: rel. SE² of the mean = (1/ESS − 1/m)·m/(m − 1) for g ≥ 0.
+    g = torch.rand(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 6
+    m, ess = g.numel(), effective_samples(g)
+    rel_se2 = float(g.var(unbiased=True) / m / g.mean() ** 2)
+    assert rel_se2 == pytest.approx((1 / ess - 1 / m) * m / (m - 1), rel=1e-9)

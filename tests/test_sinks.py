@@ -82,8 +82,8 @@ def test_roundtrip_scalars_histograms_text_layout(tmp_path):
     (category,) = layout.category
     assert category.title == "gramhook"
     charts = {c.title: c for c in category.chart}
-    assert set(charts) == {"Generalization", "Generalization (curves)", "Gap", "Dynamics",
-                           "Effective Gram", "Cost"}
+    assert set(charts) == {"Generalization", "Generalization (curves)", "Gap", "Gap reliability",
+                           "Dynamics", "Effective Gram", "Cost"}
     (series,) = charts["Generalization"].margin.series
     assert (series.value, series.lower, series.upper) == (
         "gramhook/predicted_test_loss", "gramhook/predicted_test_loss_lo",
@@ -102,6 +102,7 @@ def test_roundtrip_scalars_histograms_text_layout(tmp_path):
         "Effective Gram": {"gramhook/alignment", "gramhook/benign_fraction",
                            "gramhook/kernel_fidelity"},
         "Cost": {"gramhook/monitor_seconds", "gramhook/overhead"},
+        "Gap reliability": {"gramhook/gap_effective_samples"},
     }.items():
         rx = list(charts[title].multiline.tag)
         assert {t for t in expected if any(re.match(r, t) for r in rx)} == expected

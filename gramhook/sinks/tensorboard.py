@@ -68,6 +68,7 @@ class TensorBoardSink:
                                           p + "predicted_test_loss_hi"]],
             "Generalization (curves)": multi(curves),
             "Gap": multi([p + "predicted_gap"]),
+            "Gap reliability": multi([p + "gap_effective_samples"]),
             "Dynamics": multi([p + "contraction", p + "perturbation"]),
             "Effective Gram": multi([p + "alignment", p + "benign_fraction",
                                      p + "kernel_fidelity"]),
