@@ -12,6 +12,12 @@ final ≤ 15%).
         --variant mseed1 mseed2 mseed3 --out runs/seeds
     python benchmarks/seed_spread.py benchmarks/results/accuracy.csv runs/seeds/mseed*/accuracy.csv
 
+With ``--per-sample DIR`` (an ``accuracy.py`` output folder, typically of a large-probe variant
+such as ``probe256``) it also prints the probe-sampling noise floor: from the final per-sample
+gaps of that run, the relative standard error a random probe of 64 (and 128) samples would have on
+the final test loss, ``std(g) / sqrt(m) / measured``, and the share of the gap carried by the top
+5% of the samples.
+
 Writes nothing; pipe the markdown where it should go.
 """
 from __future__ import annotations
@@ -73,11 +79,37 @@ def markdown(by_config: Dict[str, List[Dict]]) -> str:
     return "\n".join(lines)
 
 
+def noise_floor(folder: Path) -> str:
+    """Markdown: per configuration, how much a random m-sample probe mean would scatter."""
+    gaps: Dict[str, List[float]] = {}
+    with open(folder / "accuracy_per_sample.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            gaps.setdefault(row["config"], []).append(float(row["gap"]))
+    summary = {name: rows[0] for name, rows in read([folder / "accuracy.csv"]).items()}
+    lines = ["| config | probe | meas_fin | pred_fin | mean gap | top 5% share | ESS | rel. SE, probe 64 | rel. SE, probe 128 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, g in gaps.items():
+        r = summary[name]
+        mean, sd = statistics.mean(g), statistics.stdev(g)
+        pos = [max(x, 0.0) for x in g]
+        ess = sum(pos) ** 2 / sum(x * x for x in pos) if any(pos) else math.nan
+        top = sorted(g, reverse=True)[:max(1, round(0.05 * len(g)))]
+        lines.append(f"| {name} | {len(g)} | {r['meas_fin']:.3f} | {r['pred_fin']:.3f} | {mean:.3f} | "
+                     f"{sum(top) / sum(g):.2f} | {ess:.1f} | {sd / 8 / r['meas_fin']:.2f} | "
+                     f"{sd / math.sqrt(128) / r['meas_fin']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("csv", nargs="+", type=Path, help="accuracy.csv files of the same configurations under different monitor seeds")
+    p.add_argument("csv", nargs="*", type=Path, help="accuracy.csv files of the same configurations under different monitor seeds")
+    p.add_argument("--per-sample", type=Path, default=None, help="an accuracy.py output folder with accuracy_per_sample.csv")
     args = p.parse_args(argv)
-    print(markdown(read(args.csv)))
+    if args.csv:
+        print(markdown(read(args.csv)))
+    if args.per_sample is not None:
+        print()
+        print(noise_floor(args.per_sample))
     return 0
 
 

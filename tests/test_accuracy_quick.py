@@ -20,8 +20,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("gramhook_bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+def _load_benchmark(name="accuracy"):
+    spec = importlib.util.spec_from_file_location(f"gramhook_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses need the module registered
     spec.loader.exec_module(mod)
@@ -61,6 +61,14 @@ def test_results_files_hold_per_sample_gaps(tmp_path):
     assert lines[3].startswith("c,2,3.0,")
     assert "per_sample" not in (tmp_path / "accuracy.csv").read_text().splitlines()[0]
     assert res["top5"] == pytest.approx(3.0 / 3.5)
+
+    # The noise floor of seed_spread.py reads them back: std(g)/8/meas_fin for a 64-sample probe.
+    spread = _load_benchmark("seed_spread")
+    row = spread.noise_floor(tmp_path).splitlines()[2].split(" | ")
+    assert row[0] == "| c" and row[1] == "3"
+    assert float(row[5]) == pytest.approx(0.86, abs=0.005)            # top 5% share
+    assert float(row[6]) == pytest.approx(3.5 ** 2 / 9.25, abs=0.05)    # ESS of (0.5, 0, 3)
+    assert float(row[7]) == pytest.approx(float(gaps.std()) / 8, abs=0.005)
     # GCV baseline and holdout baseline computed and finite.
     assert math.isfinite(res["gcv_fin_val"])
     assert res["stop_orc"] >= 1.0 and res["hold_orc"] > 0
@@ -88,6 +96,21 @@ def test_variants_build_monitors_and_dense_scales_patience():
             assert kwargs["every"] == default_every // 2 and patience == 2 * bench.PATIENCE
         elif name == "default":
             assert kwargs["every"] == default_every == 10 and patience == bench.PATIENCE
+
+
+def test_seed_spread_separates_bias_from_noise(tmp_path):
+    spread = _load_benchmark("seed_spread")
+    paths = []
+    for run, pred in enumerate((0.5, 0.7, 0.9)):
+        (tmp_path / str(run)).mkdir()
+        path = tmp_path / str(run) / "accuracy.csv"
+        path.write_text("config,variant,meas_fin,pred_fin,med_err,fin_err\n"
+                        f"c,v{run},0.5,{pred},0.05,{abs(pred - 0.5) / 0.5}\n")
+        paths.append(path)
+    s = spread.spread(spread.read(paths)["c"])
+    assert s["bias"] == pytest.approx(0.4) and s["sd"] == pytest.approx(0.4)
+    assert s["passes"] == [True, False, False]
+    assert "run 1: 1/1, run 2: 0/1" in spread.markdown(spread.read(paths))
 
 
 def test_variants_compose_with_plus():
