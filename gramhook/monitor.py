@@ -31,7 +31,7 @@ HISTORY_KEYS = (
     "step", "time", "train_loss", "predicted_gap", "predicted_gap_se", "predicted_test_loss",
     "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
     "effective_gram_gap", "monitor_seconds", "overhead", "probe_train_loss", "probe_gap", "gap_slope",
-    "loss_history_slope", "gap_effective_samples",
+    "loss_history_slope", "gap_effective_samples", "sketch_extrapolation",
 )
 
 Schedule = Union[int, Callable[[int], bool], None]
@@ -72,6 +72,11 @@ class MonitorConfig:
             loss; the probe's gap is then corrected by its regression on the per-sample train
             loss (a regression estimator, :func:`gramhook.dynamics.aggregate.regression_estimate`). ``0`` (or any size ≤ the
             probe) uses the probe alone.
+        sketch_extrapolation: in sketched coordinates, also run the engine on the sketch folded
+            to half its size (no extra Jacobians) and extrapolate the sketch's bias away: the gaps
+            are scaled by ``ḡ_s / ḡ_{s/2}`` (the history's ``sketch_extrapolation``). Without it
+            the sketch under-predicts by a factor that grows with training time and shrinks like
+            1/s. Needs an even sketch size; ignored in exact coordinates.
         loss_history: with a train sample, also regress the probe's gaps on each sample's loss
             integrated over training time (trapezoid over the measurements), a second covariate
             that keeps samples memorized late apart from those learnt early. Off by default: on
@@ -93,6 +98,7 @@ class MonitorConfig:
     method: str = "auto"
     train_sample_size: int = 1024
     loss_history: bool = False
+    sketch_extrapolation: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -105,6 +111,9 @@ class MonitorConfig:
             raise ValueError(f"`probe_size` must be at least 2, got {self.probe_size}.")
         if not (self.coordinates in ("auto", "exact") or (isinstance(self.coordinates, int) and self.coordinates > 0)):
             raise ValueError(f"`coordinates` must be 'auto', 'exact' or a positive sketch size, got {self.coordinates!r}.")
+        if self.sketch_extrapolation and isinstance(self.coordinates, int) and self.coordinates % 2:
+            raise ValueError(f"sketch_extrapolation folds the sketch to half its size: pass an even `coordinates` "
+                             f"(got {self.coordinates}) or sketch_extrapolation=False.")
         if isinstance(self.train_sample_size, bool) or not isinstance(self.train_sample_size, int) or self.train_sample_size < 0:
             raise ValueError(f"`train_sample_size` must be a non-negative int (0 disables it), got {self.train_sample_size!r}.")
         if self.reference_size < 1:
@@ -289,15 +298,16 @@ class GramMonitor:
         standin = Standin.HOLDOUT if (mode is Mode.REPLACE and self.holdout is not None) else Standin.PROBE
         # The probe's own rows enter the contraction exactly (weight 1/n each) and the reference batch
         # stands for the other n − m samples, so the own-sample exclusion is exact (THEORY §3(a)).
-        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin,
-                                          reference_history=self.config.reference_history,
-                                          contraction=self.config.contraction)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         coords = self.config.coordinates
         if coords == "auto":
             # Exact coordinates hold (m, k, P) Jacobians and cost O(R²·P) per measurement.
             coords = "exact" if m * self.k * n_params * 4 <= 64 * 2**20 else 4096
         self.coordinates = coords
+        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin,
+                                          reference_history=self.config.reference_history,
+                                          contraction=self.config.contraction,
+                                          sketch_extrapolation=self.config.sketch_extrapolation and coords != "exact")
         dim = n_params if coords == "exact" else int(coords)
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -470,6 +480,7 @@ class GramMonitor:
             "gap_slope": slope,
             "loss_history_slope": hist_slope,
             "gap_effective_samples": effective_samples(gaps),
+            "sketch_extrapolation": self.engine.extrapolation,
             "contraction": est.contraction,
             "perturbation": est.perturbation,
             "alignment": math.nan,

@@ -48,6 +48,7 @@ def run_engine(
     integrator: str = "exponential",
     ref_outputs: Optional[int] = None,
     reference_history: int = 1,
+    sketch_extrapolation: bool = False,
 ) -> EngineRun:
     """Train ``problem`` and integrate an engine; measurements every ``every`` steps.
 
@@ -63,7 +64,8 @@ def run_engine(
     px, py = problem.x[idx], problem.y[idx]
     m = len(idx)
     nonprobe = torch.tensor(sorted(set(range(n)) - set(idx.tolist())), dtype=torch.long)
-    cfg = EngineConfig(n_train=n, m=m, mode=mode, standin=standin, reference_history=reference_history)
+    cfg = EngineConfig(n_train=n, m=m, mode=mode, standin=standin, reference_history=reference_history,
+                       sketch_extrapolation=sketch_extrapolation)
     k = int(model(px[:1]).reshape(1, -1).shape[1])
     if engine == "param":
         dim = sum(p.numel() for p in model.parameters()) if coordinates == "exact" else int(coordinates)

@@ -175,21 +175,29 @@ def test_sparse_contraction_more_samples_at_the_same_cost(sgd_run):
     assert abs(history) < 0.6 * plain and abs(history) < 0.10
 
 
-def test_sketch_under_predicts_in_proportion_to_one_over_s(sgd_run):
-    """A known, systematic bias of sketched coordinates: the count-sketch's aliasing adds
-    contraction, so the sketched engine under-predicts the exact one, more as training goes on,
-    by an amount ∝ 1/s. Measured at t=300 (one measurement per 10 steps, 96 sampled reference rows):
-    s = 256: −26%, 1024: −7%, 4096: −1.5% (t = 100: −8%, 0%, 0%). This pins the scaling so a
-    change of the sketch that worsens it fails; the README's "sketch" limitation quotes it.
-    (A first-order correction, exp(Σ_k (1 − e^{−dt·e_k})/s) per interval from
-    E[S Sᵀ K S Sᵀ] = K(1 + 1/s) + tr(K) I/s, over-corrects about 13× here: not used.)
+def test_sketch_bias_is_one_over_s_and_extrapolation_removes_it(sgd_run):
+    """Sketched coordinates under-predict the exact engine, more as training goes on, by an amount
+    ∝ 1/s (the count-sketch aliases the uncontracted part of δ onto the rows' directions, where the
+    contraction removes it). ``sketch_extrapolation`` also runs the engine on the sketch folded to
+    s/2 and scales by ḡ_s/ḡ_{s/2}. Measured at t=300 (one measurement per 10 steps, 96 sampled
+    reference rows), sketched/exact: s = 256: 0.735 → 0.957 extrapolated, s = 1024: 0.931 → 1.010,
+    s = 4096: 0.985 → 0.986. (A first-order analytic correction, exp(Σ_k (1 − e^{−dt·e_k})/s) per
+    interval from E[S Sᵀ K S Sᵀ] = K(1 + 1/s) + tr(K) I/s, over-corrected about 13×.)
     """
     problem, batches, probe, _, _ = sgd_run
     kw = dict(probe=probe, batches=batches, every=10, ref_size=96, ref_outputs=1)
     exact = run_engine(problem, 0.5, 300, [300], **kw).gaps[300].mean().item()
-    ratio = {s: run_engine(problem, 0.5, 300, [300], coordinates=s, **kw).gaps[300].mean().item() / exact
-             for s in (256, 1024)}
-    print(f"SGD t=300, every 10: sketched/exact s=256 {ratio[256]:.3f}, s=1024 {ratio[1024]:.3f}")
-    assert 0.6 < ratio[256] < 0.85
-    assert 0.88 < ratio[1024] < 0.97
-    assert 2.5 < (1 - ratio[256]) / (1 - ratio[1024]) < 6
+
+    def ratio(s, extrapolate):
+        return run_engine(problem, 0.5, 300, [300], coordinates=s, sketch_extrapolation=extrapolate,
+                          **kw).gaps[300].mean().item() / exact
+
+    plain = {s: ratio(s, False) for s in (256, 1024)}
+    fixed = {s: ratio(s, True) for s in (256, 1024)}
+    print(f"SGD t=300, every 10: sketched/exact s=256 {plain[256]:.3f} → {fixed[256]:.3f} extrapolated, "
+          f"s=1024 {plain[1024]:.3f} → {fixed[1024]:.3f}")
+    assert 0.6 < plain[256] < 0.85
+    assert 0.88 < plain[1024] < 0.97
+    assert 2.5 < (1 - plain[256]) / (1 - plain[1024]) < 6
+    assert abs(fixed[256] - 1) < 0.08 and abs(fixed[256] - 1) < 0.35 * (1 - plain[256])
+    assert abs(fixed[1024] - 1) < 0.03

@@ -237,9 +237,12 @@ def test_nan_model_is_reported_and_skipped():
          "reference_outputs"),
         (dict(probe=(torch.randn(10, D), torch.randint(0, 3, (10,))), n_train=10, reference_history=0), ValueError,
          "reference_history"),
+        (dict(probe=(torch.randn(10, D), torch.randint(0, 3, (10,))), n_train=10, coordinates=1023), ValueError,
+         "even `coordinates`"),
     ],
     ids=["wrong-shape", "mismatched-batch", "empty", "n_train-small", "bad-every", "unknown-loss",
-         "scalar-loss", "target-hessian-needs-reference", "bad-reference-outputs", "bad-reference-history"],
+         "scalar-loss", "target-hessian-needs-reference", "bad-reference-outputs", "bad-reference-history",
+         "odd-sketch-with-extrapolation"],
 )
 def test_bad_configuration_fails_at_construction(kwargs, error, match):
     model = _model()
@@ -431,3 +434,22 @@ def test_reference_rows_are_sampled_output_directions():
             if q is not None:
                 assert rates.own_cotangents.shape == (8, 1, 3)
                 assert mon.engine._own_rows(rates).shape[:2] == (8, 1)
+
+
+def test_sketch_extrapolation_in_history():
+    """Sketched coordinates run a folded half-size engine too and report ḡ_s/ḡ_{s/2}; exact
+    coordinates and ``sketch_extrapolation=False`` (which allows an odd sketch) report 1."""
+    x, y = _data()
+    ratios = {}
+    for name, kw in {"sketch": dict(coordinates=64), "exact": dict(coordinates="exact"),
+                     "off": dict(coordinates=63, sketch_extrapolation=False)}.items():
+        torch.manual_seed(0)
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, every=2, probe_size=8, **kw)
+        _train(model, opt, x, y, 6)
+        ratios[name] = [h["sketch_extrapolation"] for h in mon.history]
+        assert (mon.engine._half is not None) == (name == "sketch")
+        mon.close()
+    assert all(0.5 <= r <= 2.0 for r in ratios["sketch"]) and any(r != 1.0 for r in ratios["sketch"])
+    assert set(ratios["exact"]) == set(ratios["off"]) == {1.0}

@@ -1,13 +1,14 @@
 """Cheaper and smoother contraction rows: sampled output directions and reference history."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates
+from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates, fold_rates
 from gramhook.kernel import reference as ref
 from gramhook.kernel import sketched_jacobian
 from gramhook.losses import resolve_loss
@@ -150,3 +151,57 @@ def test_trapezoid_contraction():
     assert not torch.allclose(run("left", False), run("trapezoid", False), atol=1e-6)
     with pytest.raises(ValueError, match="contraction"):
         EngineConfig(n_train=50, m=3, contraction="midpoint")
+
+
+def test_folded_sketch_is_a_sketch_of_half_the_size():
+    """Folding buckets b → b mod s/2 gives the sketched Jacobians of a smaller count-sketch:
+    inner products still estimate the eNTK, with the error of a direct s/2 sketch."""
+    torch.manual_seed(0)
+    model = _Odd().double()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    theta = ref.empirical_ntk(model, x).reshape(6 * 4, 6 * 4)
+    big = sketched_jacobian(model, x, 512, seed=3)
+    rates = Rates(outputs=torch.zeros(6, 4), targets=torch.zeros(6, 4), residual=torch.zeros(6, 4),
+                  hessian=torch.eye(4).expand(6, 4, 4), probe_jac=big)
+    half = fold_rates(rates, 256).probe_jac
+    assert half.shape == (6, 4, 256)
+    assert torch.allclose(half, big[..., :256] + big[..., 256:])
+
+    def err(j):
+        est = j.reshape(24, -1) @ j.reshape(24, -1).T
+        return float((est - theta).norm() / theta.norm())
+
+    direct = [err(sketched_jacobian(model, x, 256, seed=sd)) for sd in range(8)]
+    folded = [err(fold_rates(dataclasses.replace(rates, probe_jac=sketched_jacobian(model, x, 512, seed=sd)), 256).probe_jac)
+              for sd in range(8)]
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    print(f"eNTK rel. error, s=256 direct {mean(direct):.3f}, folded from 512 {mean(folded):.3f}, s=512 {err(big):.3f}")
+    assert 0.5 * mean(direct) < mean(folded) < 1.5 * mean(direct)
+    with pytest.raises(ValueError, match="multiple"):
+        fold_rates(rates, 300)
+
+
+def test_sketch_extrapolation_scales_by_the_folded_ratio_and_survives_state_dict():
+    loss = resolve_loss("mse")
+    gen = torch.Generator().manual_seed(4)
+    seq = [_rates(gen, d=8) for _ in range(5)]
+    cfg = EngineConfig(n_train=50, m=3, sketch_extrapolation=True)
+    a = ParameterSpaceEngine(cfg, 8, loss, dtype=torch.float64)
+    plain = ParameterSpaceEngine(EngineConfig(n_train=50, m=3), 8, loss, dtype=torch.float64)
+    half = ParameterSpaceEngine(EngineConfig(n_train=50, m=3), 4, loss, dtype=torch.float64)
+    for j, r in enumerate(seq[:3]):
+        dt = 0.0 if j == 0 else 0.4
+        est, p = a.measure(dt, r), plain.measure(dt, r)
+        h = half.measure(dt, fold_rates(r, 4))
+    rho = min(max(p.mean / h.mean, 0.5), 2.0)
+    assert a.extrapolation == pytest.approx(rho) and rho != 1.0
+    assert torch.allclose(est.per_sample, p.per_sample * rho, atol=1e-12)
+    assert est.se == pytest.approx(p.se * rho)
+    b = ParameterSpaceEngine(cfg, 8, loss, dtype=torch.float64)
+    b.load_state_dict(a.state_dict())
+    for r in seq[3:]:
+        assert torch.allclose(a.measure(0.4, r).per_sample, b.measure(0.4, r).per_sample, atol=1e-12)
+    with pytest.raises(ValueError, match="sketch_extrapolation=False"):
+        ParameterSpaceEngine(cfg, 7, loss)
+    with pytest.raises(ValueError, match="saved with sketch_extrapolation off"):
+        ParameterSpaceEngine(cfg, 8, loss, dtype=torch.float64).load_state_dict(plain.state_dict())
