@@ -49,6 +49,7 @@ def run_engine(
     ref_outputs: Optional[int] = None,
     reference_history: int = 1,
     sketch_extrapolation: bool = False,
+    adam: bool = False,
 ) -> EngineRun:
     """Train ``problem`` and integrate an engine; measurements every ``every`` steps.
 
@@ -59,7 +60,7 @@ def run_engine(
     n = problem.n
     loss = Loss("problem", problem.loss, hessian_needs_target=False)
     model = copy.deepcopy(problem.model)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = torch.optim.Adam(model.parameters(), lr=lr) if adam else torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     idx = torch.arange(n) if probe is None else probe
     px, py = problem.x[idx], problem.y[idx]
     m = len(idx)
