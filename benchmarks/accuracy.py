@@ -146,7 +146,7 @@ VARIANTS: Dict[str, Dict] = {
     "exact": {"coordinates": "exact"},
     "sketch1024": {"coordinates": 1024},
     "sketch16k": {"coordinates": 16384},
-    "no_extrapolation": {"sketch_extrapolation": False},  # the sketch's 1/s bias left in (the default before)
+    "extrapolate": {"sketch_extrapolation": True},  # the sketch's 1/s bias extrapolated away (folded sketches)
     "replace": {"mode": "replace"},
     "probe_only": {"train_sample_size": 0},  # no regression correction of the probe by a larger train sample
     "loss_history": {"loss_history": True},  # + each sample's loss integrated over time as a second covariate

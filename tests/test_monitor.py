@@ -237,8 +237,8 @@ def test_nan_model_is_reported_and_skipped():
          "reference_outputs"),
         (dict(probe=(torch.randn(10, D), torch.randint(0, 3, (10,))), n_train=10, reference_history=0), ValueError,
          "reference_history"),
-        (dict(probe=(torch.randn(10, D), torch.randint(0, 3, (10,))), n_train=10, coordinates=1023), ValueError,
-         "even `coordinates`"),
+        (dict(probe=(torch.randn(10, D), torch.randint(0, 3, (10,))), n_train=10, coordinates=1022,
+              sketch_extrapolation=True), ValueError, "divisible by 4"),
     ],
     ids=["wrong-shape", "mismatched-batch", "empty", "n_train-small", "bad-every", "unknown-loss",
          "scalar-loss", "target-hessian-needs-reference", "bad-reference-outputs", "bad-reference-history",
@@ -437,19 +437,20 @@ def test_reference_rows_are_sampled_output_directions():
 
 
 def test_sketch_extrapolation_in_history():
-    """Sketched coordinates run a folded half-size engine too and report ḡ_s/ḡ_{s/2}; exact
-    coordinates and ``sketch_extrapolation=False`` (which allows an odd sketch) report 1."""
+    """With ``sketch_extrapolation`` sketched coordinates run folded half- and quarter-size engines
+    too and report the extrapolation factor; exact coordinates and the default (off; any sketch
+    size) report 1."""
     x, y = _data()
     ratios = {}
-    for name, kw in {"sketch": dict(coordinates=64), "exact": dict(coordinates="exact"),
-                     "off": dict(coordinates=63, sketch_extrapolation=False)}.items():
+    for name, kw in {"sketch": dict(coordinates=64, sketch_extrapolation=True),
+                     "exact": dict(coordinates="exact", sketch_extrapolation=True), "off": dict(coordinates=63)}.items():
         torch.manual_seed(0)
         model = _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         mon = GramMonitor(model, opt, probe=(x, y), n_train=N, every=2, probe_size=8, **kw)
         _train(model, opt, x, y, 6)
         ratios[name] = [h["sketch_extrapolation"] for h in mon.history]
-        assert (mon.engine._half is not None) == (name == "sketch")
+        assert bool(mon.engine._folds) == (name == "sketch")
         mon.close()
     assert all(0.5 <= r <= 2.0 for r in ratios["sketch"]) and any(r != 1.0 for r in ratios["sketch"])
     assert set(ratios["exact"]) == set(ratios["off"]) == {1.0}

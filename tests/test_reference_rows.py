@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates, fold_rates
+from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates, fold_rates, sketch_extrapolation_factor
 from gramhook.kernel import reference as ref
 from gramhook.kernel import sketched_jacobian
 from gramhook.losses import resolve_loss
@@ -181,19 +182,32 @@ def test_folded_sketch_is_a_sketch_of_half_the_size():
         fold_rates(rates, 300)
 
 
-def test_sketch_extrapolation_scales_by_the_folded_ratio_and_survives_state_dict():
+def test_sketch_extrapolation_factor():
+    # log ḡ = log ḡ_∞ − c/s: r2 = 2·r1, one Richardson step is exact.
+    g = lambda s: math.exp(-3.0 / s)  # noqa: E731
+    assert sketch_extrapolation_factor(g(64), g(32), g(16)) == pytest.approx(1 / g(64))
+    # α = 2: r2 = 4·r1, Aitken's Δ² is exact too.
+    g2 = lambda s: math.exp(-300.0 / s ** 2)  # noqa: E731
+    assert sketch_extrapolation_factor(g2(64), g2(32), g2(16)) == pytest.approx(1 / g2(64))
+    # A noisy r2 < r1 is read as α = 1 (the full first-order step), never more.
+    assert sketch_extrapolation_factor(1.0, 0.9, 0.89) == pytest.approx(1 / 0.9)
+    assert sketch_extrapolation_factor(1.0, 0.1, 0.01) == 2.0          # clipped
+    assert sketch_extrapolation_factor(1.0, -0.2, 0.5) == 1.0          # a non-positive mean
+
+
+def test_sketch_extrapolation_scales_by_the_folded_factor_and_survives_state_dict():
     loss = resolve_loss("mse")
     gen = torch.Generator().manual_seed(4)
     seq = [_rates(gen, d=8) for _ in range(5)]
     cfg = EngineConfig(n_train=50, m=3, sketch_extrapolation=True)
     a = ParameterSpaceEngine(cfg, 8, loss, dtype=torch.float64)
     plain = ParameterSpaceEngine(EngineConfig(n_train=50, m=3), 8, loss, dtype=torch.float64)
-    half = ParameterSpaceEngine(EngineConfig(n_train=50, m=3), 4, loss, dtype=torch.float64)
+    folds = [ParameterSpaceEngine(EngineConfig(n_train=50, m=3), d, loss, dtype=torch.float64) for d in (4, 2)]
     for j, r in enumerate(seq[:3]):
         dt = 0.0 if j == 0 else 0.4
         est, p = a.measure(dt, r), plain.measure(dt, r)
-        h = half.measure(dt, fold_rates(r, 4))
-    rho = min(max(p.mean / h.mean, 0.5), 2.0)
+        means = [f.measure(dt, fold_rates(r, f.delta.shape[1])).mean for f in folds]
+    rho = sketch_extrapolation_factor(p.mean, *means)
     assert a.extrapolation == pytest.approx(rho) and rho != 1.0
     assert torch.allclose(est.per_sample, p.per_sample * rho, atol=1e-12)
     assert est.se == pytest.approx(p.se * rho)
@@ -202,6 +216,6 @@ def test_sketch_extrapolation_scales_by_the_folded_ratio_and_survives_state_dict
     for r in seq[3:]:
         assert torch.allclose(a.measure(0.4, r).per_sample, b.measure(0.4, r).per_sample, atol=1e-12)
     with pytest.raises(ValueError, match="sketch_extrapolation=False"):
-        ParameterSpaceEngine(cfg, 7, loss)
+        ParameterSpaceEngine(cfg, 6, loss)
     with pytest.raises(ValueError, match="saved with sketch_extrapolation off"):
         ParameterSpaceEngine(cfg, 8, loss, dtype=torch.float64).load_state_dict(plain.state_dict())

@@ -46,6 +46,7 @@ __all__ = [
     "FunctionSpaceEngine",
     "perturbation_factor",
     "fold_rates",
+    "sketch_extrapolation_factor",
 ]
 
 
@@ -78,10 +79,11 @@ class EngineConfig:
             normalized to sum to one, so the rows still estimate H.
         contraction: ``"left"`` applies the contraction measured at an interval's start;
             ``"trapezoid"`` averages the start's and the end's (see ``_interval_rows``).
-        sketch_extrapolation: the state is in sketched coordinates of even dimension s. The
-            engine also runs on the sketch folded to s/2 (free: :func:`fold_rates`) and scales the
-            gaps by ``ḡ_s / ḡ_{s/2}``, extrapolating the sketch's bias away (see
-            :meth:`ParameterSpaceEngine.measure`). Exact coordinates cannot be folded.
+        sketch_extrapolation: the state is in sketched coordinates of dimension s (divisible by
+            4). The engine also runs on the sketch folded to s/2 and s/4 (free:
+            :func:`fold_rates`) and scales the gaps by :func:`sketch_extrapolation_factor`,
+            extrapolating the sketch's bias away (see :meth:`ParameterSpaceEngine.measure`).
+            Exact coordinates cannot be folded.
     """
 
     n_train: int
@@ -188,6 +190,24 @@ def fold_rates(rates: Rates, dim: int) -> Rates:
                               standin_grad=fold(rates.standin_grad), standin_jac=fold(rates.standin_jac))
     out.cache = {}
     return out
+
+
+def sketch_extrapolation_factor(g_s: float, g_half: float, g_quarter: float) -> float:
+    """The factor that takes the mean gap in a sketch of size s to s = ∞, from the mean gaps of the
+    same engine at s, s/2 and s/4 (folded sketches), assuming ``log ḡ_s = log ḡ_∞ − c/s^α``.
+
+    With ``r1 = log(ḡ_s/ḡ_{s/2})`` and ``r2 = log(ḡ_{s/2}/ḡ_{s/4})``, ``2^α = r2/r1`` (Aitken's
+    Δ² in log space) and the factor is ``exp(r1/(2^α − 1))``. α is clipped to [1, 2] (the bias
+    shrinks at least like 1/s; noisy ratios would otherwise extrapolate wildly), which keeps the
+    correction between a third of r1 and r1; the factor is clipped to [0.5, 2]. 1 when a mean is
+    not positive.
+    """
+    if not (g_s > 0 and g_half > 0 and g_quarter > 0):
+        return 1.0
+    r1, r2 = math.log(g_s / g_half), math.log(g_half / g_quarter)
+    q = r2 / r1 if r1 * r2 > 0 else 2.0
+    q = min(max(q, 2.0), 4.0)
+    return min(max(math.exp(r1 / (q - 1.0)), 0.5), 2.0)
 
 
 @dataclasses.dataclass
@@ -407,15 +427,15 @@ class ParameterSpaceEngine(_Engine):
         self.delta = torch.zeros(config.m, dim, dtype=dtype, device=device)
         # Reference row blocks of earlier measurements, (time, rows) oldest first; see reference_history.
         self._history: list = []
-        # The same engine on the sketch folded to dim/2, and the last ḡ_s/ḡ_{s/2} (sketch_extrapolation).
-        self._half: Optional[ParameterSpaceEngine] = None
+        # The same engine on the sketch folded to dim/2 and dim/4, and the last gap factor (sketch_extrapolation).
+        self._folds: list = []
         self.extrapolation = 1.0
         if config.sketch_extrapolation:
-            if dim % 2 or dim < 2:
-                raise ValueError(f"sketch_extrapolation folds the sketch to half its size: use an even sketch "
-                                 f"dimension (got {dim}) or sketch_extrapolation=False.")
-            self._half = ParameterSpaceEngine(dataclasses.replace(config, sketch_extrapolation=False), dim // 2,
-                                              loss, dtype=dtype, device=device)
+            if dim % 4 or dim < 4:
+                raise ValueError(f"sketch_extrapolation folds the sketch to a half and a quarter of its size: use a "
+                                 f"sketch dimension divisible by 4 (got {dim}) or sketch_extrapolation=False.")
+            plain = dataclasses.replace(config, sketch_extrapolation=False)
+            self._folds = [ParameterSpaceEngine(plain, dim // f, loss, dtype=dtype, device=device) for f in (2, 4)]
 
     # rows Z and own rows z_i -------------------------------------------------------------------
     def _rows(self, rates: Rates) -> Tensor:
@@ -546,21 +566,20 @@ class ParameterSpaceEngine(_Engine):
         return torch.cat(parts + [both.reshape(-1, both.shape[-1])]), both
 
     def measure(self, dt: float, rates: Rates, steps: Optional[int] = None) -> GapEstimate:
-        """See :meth:`_Engine.measure`. With ``sketch_extrapolation`` the gaps are scaled by
-        ``ρ = ḡ_s / ḡ_{s/2}`` (clipped to [0.5, 2]; 1 while either mean is not positive).
+        """See :meth:`_Engine.measure`. With ``sketch_extrapolation`` the gaps are scaled by the factor
+        of :func:`sketch_extrapolation_factor` from the mean gaps at s, s/2 and s/4.
 
         Why: a count-sketch aliases every coordinate onto the rows' directions, so the sketched
         contraction also removes a share of the perturbation that no other sample contracts: the
-        gap comes out low by a factor ≈ exp(−c/s) that grows with training time (SGD MLP,
-        t = 300: 0.74 at s = 256, 0.93 at s = 1024, 0.985 at s = 4096). With the same factor at
-        s/2 squared, ``ḡ_s² / ḡ_{s/2}`` cancels it to first order: 0.96, 1.01 and 0.986 there
-        (``tests/test_engine_loo.py``).
+        gap comes out low by a factor ≈ exp(−c/s^α) that grows with training time (SGD MLP,
+        t = 300: 0.74 at s = 256, 0.93 at s = 1024, 0.985 at s = 4096). The folded sketches
+        (:func:`fold_rates`) cost no Jacobians; extrapolating the three means to s = ∞ removes
+        most of it (``tests/test_engine_loo.py``).
         """
         est = super().measure(dt, rates, steps)
-        if self._half is not None:
-            half = self._half.measure(dt, fold_rates(rates, self._half.delta.shape[1]), steps)
-            rho = est.mean / half.mean if est.mean > 0 and half.mean > 0 else 1.0
-            self.extrapolation = rho = min(max(rho, 0.5), 2.0)
+        if self._folds:
+            means = [est.mean] + [f.measure(dt, fold_rates(rates, f.delta.shape[1]), steps).mean for f in self._folds]
+            self.extrapolation = rho = sketch_extrapolation_factor(*means)
             est = dataclasses.replace(est, per_sample=est.per_sample * rho, mean=est.mean * rho, se=est.se * rho)
         if self.config.reference_history > 1:
             block = self._ref_block(rates)
@@ -594,18 +613,19 @@ class ParameterSpaceEngine(_Engine):
     def state_dict(self) -> dict:
         out = {**super().state_dict(), "delta": self.delta.clone(),
                "history": [(t, b.clone()) for t, b in self._history]}
-        if self._half is not None:
-            out.update(half=self._half.state_dict(), extrapolation=self.extrapolation)
+        if self._folds:
+            out.update(folds=[f.state_dict() for f in self._folds], extrapolation=self.extrapolation)
         return out
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.delta = state["delta"].clone().to(self.delta.device)
         self._history = [(float(t), b.clone().to(self.delta.device)) for t, b in state.get("history", [])]
-        if self._half is not None:
-            if "half" not in state:
-                raise ValueError("This state has no folded-sketch engine: it was saved with sketch_extrapolation off.")
-            self._half.load_state_dict(state["half"])
+        if self._folds:
+            if "folds" not in state:
+                raise ValueError("This state has no folded-sketch engines: it was saved with sketch_extrapolation off.")
+            for f, st in zip(self._folds, state["folds"]):
+                f.load_state_dict(st)
             self.extrapolation = float(state["extrapolation"])
 
 
