@@ -113,6 +113,23 @@ def test_seed_spread_separates_bias_from_noise(tmp_path):
     assert "run 1: 1/1, run 2: 0/1" in spread.markdown(spread.read(paths))
 
 
+def test_stop_rules_replay(tmp_path):
+    rules = _load_benchmark("stop_rules")
+    pred = [1.0, 0.8, 0.7, 0.75, 0.74, 0.76, 0.78, 0.8, 0.9]
+    meas = [1.0, 0.8, 0.72, 0.70, 0.71, 0.73, 0.75, 0.8, 0.9]
+    rows = [{"predicted_test_loss": p, "predicted_gap_se": 0.01, "measured_test_loss": m} for p, m in zip(pred, meas)]
+    assert rules.patience_stop(rows, rules.raw, 5) == 7     # best at 2, five without improvement
+    assert rules.patience_stop(rows, rules.raw, 3) == 5
+    with open(tmp_path / "accuracy_rows.csv", "w") as f:
+        f.write("config,predicted_test_loss,predicted_gap_se,measured_test_loss\n")
+        f.writelines(f"c,{p},0.01,{m}\n" for p, m in zip(pred, meas))
+    (tmp_path / "accuracy.csv").write_text("config,hold_orc,hold_best_orc\nc,1.05,1.01\n")
+    res = {r["rule"]: r for r in rules.evaluate(*rules.load(tmp_path))}
+    # patience 5 stops at 0.8/0.70 = 1.14 (missed); restoring its best (step 2) gives 0.72/0.70 = 1.029
+    assert res["patience 5 (should_stop)"]["ok"] == 0 and res["patience 5 (should_stop)"]["ok_best"] == 0
+    assert res["patience 5 (should_stop)"]["median"] == pytest.approx(0.8 / 0.70)
+
+
 def test_variants_compose_with_plus():
     bench = _load_benchmark()
     cfg = bench.Config("digits", 400, "mlp", "ce", "sgd")
