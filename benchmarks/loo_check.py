@@ -30,6 +30,7 @@ Per configuration (``--config``, names as in ``benchmarks/accuracy.py``):
      refnonprobe  reference=(non-probe training inputs): reference batches never hold a probe sample
      resvnoprobe  the captured-batch reservoir skips probe rows (still the step-0 fallback)
      discrete     engine integrates the discrete optimizer map (steps = dt / step_dt)
+     extrap       sketch_extrapolation=True (sketch folded to s/2 and s/4, extrapolated to s = ∞)
      momramp      heavy-ball start-up: step j advances the engine's time by lr·(1−μ^j)/(1−μ) instead of
                   lr/(1−μ) (the displacement of step j under a constant gradient, zero initial velocity)
    joined with '+' for combinations, e.g. ``every1+refnonprobe``.
@@ -76,7 +77,7 @@ def load(cfg: "acc.Config", seed: int):
     return d.x_train, d.y_train, d.x_test, d.y_test, d.feat
 
 
-VARIANT_KEYS = ("every1", "exact", "ref128", "probe128", "refnonprobe", "resvnoprobe", "discrete", "momramp")
+VARIANT_KEYS = ("every1", "exact", "ref128", "probe128", "refnonprobe", "resvnoprobe", "discrete", "momramp", "extrap")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -125,6 +126,8 @@ def run_monitor(cfg, data, args, init_state, variant: str) -> Dict:
                     coordinates="exact" if "exact" in flags else args.coordinates)
     if "ref128" in flags:
         settings["reference_size"] = 128
+    if "extrap" in flags:
+        settings["sketch_extrapolation"] = True
     if "refnonprobe" in flags:
         # The probe draw is deterministic (make_probe with the same seed): compute it to exclude it.
         from gramhook.probe import make_probe
@@ -152,7 +155,9 @@ def run_monitor(cfg, data, args, init_state, variant: str) -> Dict:
     def take():
         out = orig_take()
         if out is not None:
-            hits.add_(row_match(out, probe_x).any(0).long())
+            # What the engine contracts with: the monitor drops probe rows after taking the batch.
+            kept = out[monitor._probe_filter.keep(out.to(probe_x.device)).to(out.device)]
+            hits.add_(row_match(kept, probe_x).any(0).long())
         return out
 
     def add_noprobe(x):
