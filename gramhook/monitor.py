@@ -115,9 +115,6 @@ class MonitorConfig:
             raise ValueError(f"`probe_size` must be at least 2, got {self.probe_size}.")
         if not (self.coordinates in ("auto", "exact") or (isinstance(self.coordinates, int) and self.coordinates > 0)):
             raise ValueError(f"`coordinates` must be 'auto', 'exact' or a positive sketch size, got {self.coordinates!r}.")
-        if self.sketch_extrapolation and isinstance(self.coordinates, int) and self.coordinates % 4:
-            raise ValueError(f"sketch_extrapolation folds the sketch to a half and a quarter of its size: pass "
-                             f"`coordinates` divisible by 4 (got {self.coordinates}) or sketch_extrapolation=False.")
         if isinstance(self.train_sample_size, bool) or not isinstance(self.train_sample_size, int) or self.train_sample_size < 0:
             raise ValueError(f"`train_sample_size` must be a non-negative int (0 disables it), got {self.train_sample_size!r}.")
         if self.reference_size < 1:
