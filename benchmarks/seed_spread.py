@@ -29,6 +29,10 @@ import statistics
 from pathlib import Path
 from typing import Dict, List
 
+import torch
+
+from gramhook.dynamics.aggregate import effective_samples
+
 GOAL_ERR = (0.10, 0.15)
 
 
@@ -91,8 +95,7 @@ def noise_floor(folder: Path) -> str:
     for name, g in gaps.items():
         r = summary[name]
         mean, sd = statistics.mean(g), statistics.stdev(g)
-        pos = [max(x, 0.0) for x in g]
-        ess = sum(pos) ** 2 / sum(x * x for x in pos) if any(pos) else math.nan
+        ess = effective_samples(torch.tensor(g, dtype=torch.float64))
         top = sorted(g, reverse=True)[:max(1, round(0.05 * len(g)))]
         lines.append(f"| {name} | {len(g)} | {r['meas_fin']:.3f} | {r['pred_fin']:.3f} | {mean:.3f} | "
                      f"{sum(top) / sum(g):.2f} | {ess:.1f} | {sd / 8 / r['meas_fin']:.2f} | "
