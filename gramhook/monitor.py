@@ -18,11 +18,15 @@ from torch import Tensor, nn
 
 from . import kernel
 from .dynamics.effective_gram import EffectiveGram
-from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin
+from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, perturbation_factor
+from .losses import residual_and_hessian
 from .losses import resolve_loss
 from .measure import compute_rates
 from .optim import check_optimizer, momentum_is_warm, read_optimizer, step_dt
 from .dynamics.aggregate import effective_samples, regression_estimate
+from .capture import ProbeMatcher, StepCapture
+from .dynamics.perstep import PerStepEngine
+from .optim import whitening
 from .probe import ProbeSet, check_probe_against_model, default_probe_size, make_probe
 
 __all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
@@ -31,7 +35,7 @@ HISTORY_KEYS = (
     "step", "time", "train_loss", "predicted_gap", "predicted_gap_se", "predicted_test_loss",
     "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
     "effective_gram_gap", "monitor_seconds", "overhead", "probe_train_loss", "probe_gap", "gap_slope",
-    "loss_history_slope", "gap_effective_samples", "sketch_extrapolation",
+    "loss_history_slope", "gap_effective_samples", "sketch_extrapolation", "injected", "injection_simulated",
 )
 
 Schedule = Union[int, Callable[[int], bool], None]
@@ -86,6 +90,15 @@ class MonitorConfig:
             that keeps samples memorized late apart from those learnt early. Off by default: on
             the accuracy grid it moved single configurations by ±0.1–0.3 both ways and the
             summary not at all.
+        engine: ``"perstep"`` (the default) integrates the leave-one-out dynamics at every
+            optimizer step from the trained batch (:mod:`gramhook.capture`,
+            :class:`gramhook.dynamics.perstep.PerStepEngine`); a measurement only reads out, so
+            its cadence does not change the prediction. ``"periodic"`` integrates between
+            measurements from a reference reservoir (the settings ``reference_*``,
+            ``contraction``, ``sketch_extrapolation`` and ``loss_history`` apply to it only).
+        rows: per-step engine: contraction rows drawn from each trained batch.
+        window: per-step engine: steps buffered before they are folded into the state (see
+            :class:`gramhook.dynamics.perstep.PerStepEngine`).
         seed: seed of the probe choice, sketch and reference sampling (private generators).
     """
 
@@ -103,6 +116,9 @@ class MonitorConfig:
     train_sample_size: int = 1024
     loss_history: bool = False
     sketch_extrapolation: bool = False
+    engine: str = "perstep"
+    rows: int = 8
+    window: int = 32
     seed: int = 0
 
     def __post_init__(self):
@@ -122,6 +138,12 @@ class MonitorConfig:
         if self.reference_outputs is not None and (isinstance(self.reference_outputs, bool) or not isinstance(self.reference_outputs, int) or self.reference_outputs < 1):
             raise ValueError(f"`reference_outputs` must be None (all outputs) or a positive int, got {self.reference_outputs!r}.")
         Mode(self.mode)
+        if self.engine not in ("perstep", "periodic"):
+            raise ValueError(f"`engine` must be 'perstep' or 'periodic', got {self.engine!r}.")
+        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
+            raise ValueError(f"`rows` must be a positive int (contraction rows per step), got {self.rows!r}.")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"`window` must be a positive int, got {self.window!r}.")
         if self.method not in kernel.METHODS:
             raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
 
@@ -174,35 +196,9 @@ class _Reservoir:
         self.gen.set_state(state["gen"])
 
 
-class _ProbeFilter:
-    """Recognises the probe's own samples among training inputs.
-
-    A probe sample inside the reference batch would contract its own perturbation with the
-    reference weight, (n − m)/(n·B) — for n = 500, m = 64, B = 32 fourteen times its own 1/n —
-    and wipe out its gap (measured: engine 0.02 against leave-one-out 0.56 on such samples). The
-    reference stands for the *other* n − m samples, so probe rows are kept out of it. Rows are
-    matched by two fixed random projections (float64, relative tolerance 1e-9); augmented copies
-    of a probe sample do not match and stay in, as other samples would.
-    """
-
-    def __init__(self, probe_x: Tensor, seed: int):
-        self.shape = tuple(probe_x.shape[1:])
-        g = torch.Generator().manual_seed(seed + 3)
-        d = int(probe_x[0].numel())
-        self.w = torch.randn(d, 2, generator=g, dtype=torch.float64).to(probe_x.device)
-        self.keys = self._project(probe_x)                            # (m, 2)
-
-    def _project(self, x: Tensor) -> Tensor:
-        return x.detach().reshape(x.shape[0], -1).to(self.w.device, torch.float64) @ self.w
-
-    def keep(self, x: Tensor) -> Tensor:
-        """Boolean mask over the rows of ``x``: True for rows that are not probe samples."""
-        if tuple(x.shape[1:]) != self.shape or x.shape[0] == 0:
-            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        f = self._project(x)
-        tol = 1e-9 * (1.0 + f.abs().unsqueeze(1) + self.keys.abs().unsqueeze(0))
-        match = ((f.unsqueeze(1) - self.keys.unsqueeze(0)).abs() <= tol).all(-1).any(1)
-        return (~match).to(x.device)
+# The periodic engine keeps probe rows out of its reference reservoir (a probe sample there would
+# contract its own perturbation and wipe out its gap); ``ProbeMatcher`` recognises them.
+_ProbeFilter = ProbeMatcher
 
 
 class GramMonitor:
@@ -278,7 +274,7 @@ class GramMonitor:
         self._loss_prev: Optional[Tensor] = None
         self._loss_time = 0.0
         self.holdout = self._tensors(holdout, "holdout", labelled=True)
-        self._probe_filter = _ProbeFilter(self.probe.x, self.config.seed)
+        self._probe_filter = ProbeMatcher(self.probe.x, self.config.seed)
         self.reference = self._tensors(reference, "reference", labelled=False)
         if self.reference is not None:
             keep = self._probe_filter.keep(self.reference[0])
@@ -313,6 +309,14 @@ class GramMonitor:
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         self.engine = ParameterSpaceEngine(self.engine_config, dim, self.loss, dtype=dtype, device=self.device)
+        self.perstep: Optional[PerStepEngine] = None
+        self._stepper: Optional[StepCapture] = None
+        if self.config.engine == "perstep":
+            self.perstep = PerStepEngine(m, dim, window=self.config.window, dtype=dtype, device=self.device)
+            self._stepper = StepCapture(model, optimizer, self.loss, self.probe.x, self.probe.y, self.n_train,
+                                        self.perstep, sketch=None if coords == "exact" else int(coords),
+                                        rows=self.config.rows, seed=self.config.seed, method=self.config.method)
+        self._prev_readout = None  # (time, mean gap) of the previous per-step readout
         m_k = min(self.config.effective_gram_size, m)
         self.effective = EffectiveGram(self.n_train, dtype=dtype, device=self.device) if m_k >= 2 else None
         self._m_k = m_k
@@ -323,13 +327,17 @@ class GramMonitor:
         self.step = 0
         self._elapsed = 0.0
         self._monitor_seconds = 0.0
+        self._step_seconds = 0.0      # per-step engine time, included in _monitor_seconds
         self._started = time.perf_counter()
         self._reported: set = set()
         self._last_gaps: Optional[Tensor] = None
         # SGD momentum builds up from an empty buffer: the first steps move less (optim.step_dt).
         self._cold_start = not momentum_is_warm(optimizer)
         self._handles = [optimizer.register_step_post_hook(self._on_step)]
-        if self.reference is None:
+        if self._stepper is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(model.register_forward_pre_hook(self._record))
+        elif self.reference is None:
             self._handles.append(model.register_forward_pre_hook(self._capture))
         self.measure()
 
@@ -360,7 +368,8 @@ class GramMonitor:
         every = self.config.every
         if every is None:
             user = time.perf_counter() - self._started - self._monitor_seconds
-            return self._monitor_seconds <= self.config.overhead * user
+            readouts = self._monitor_seconds - self._step_seconds
+            return readouts <= self.config.overhead * user
         if callable(every):
             return bool(every(step))
         return step % every == 0
@@ -383,6 +392,27 @@ class GramMonitor:
             self._reservoir.add(args[0])
         except Exception as exc:  # never break the user's forward
             self._report("capture", exc)
+
+    def _record(self, module, args):
+        if not module.training or not args or not isinstance(args[0], Tensor):
+            return
+        try:
+            self._stepper.record(args[0])
+        except Exception as exc:  # never break the user's forward
+            self._report("capture", exc)
+
+    def _pre_step(self, optimizer, args, kwargs):
+        start = time.perf_counter()
+        try:
+            with self._isolated():
+                self._stepper.step()
+        except Exception as exc:
+            self._stepper.pending = []
+            self._report("step", exc)
+        finally:
+            spent = time.perf_counter() - start
+            self._monitor_seconds += spent
+            self._step_seconds += spent
 
     def _on_step(self, optimizer, args, kwargs):
         self.step += 1
@@ -436,6 +466,66 @@ class GramMonitor:
         return (None, None) if x is None or x.shape[0] == 0 else (x, None)
 
     def _measure(self) -> Dict[str, float]:
+        if self.perstep is not None:
+            return self._readout()
+        return self._measure_periodic()
+
+    def _readout(self) -> Dict[str, float]:
+        """Per-step engine: read the maintained perturbations out at the current weights."""
+        pre = whitening(self.optimizer, self.model)
+        x, y = self.probe.x, self.probe.y
+        coords = self.coordinates
+        with torch.no_grad(), kernel.eval_mode(self.model):
+            out = self.model(x).reshape(x.shape[0], -1)
+        if coords == "exact":
+            jac = kernel.flat_jacobian(self.model, x, preconditioner=pre, power=0.5, method=self.config.method)
+        else:
+            jac = kernel.sketched_jacobian(self.model, x, int(coords), seed=self.config.seed, preconditioner=pre,
+                                           method=self.config.method)
+        gaps = self.perstep.gaps(jac, out, y, self.loss)
+        if not torch.isfinite(gaps).all():
+            raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
+        probe_losses = self.loss(out, y).detach()
+        r, lam = residual_and_hessian(self.loss, out, y)
+        grads = torch.einsum("ikd,ik->id", jac, r.to(jac.dtype))
+        eps = perturbation_factor(grads, None, self.n_train)
+        self._elapsed_total = getattr(self, "_elapsed_total", 0.0) + self._elapsed
+        self._elapsed = 0.0
+        t = self._elapsed_total
+        mean = float(gaps.double().mean())
+        contraction = math.nan
+        if self._prev_readout is not None and t > self._prev_readout[0] and abs(mean) > 1e-12:
+            rate = (mean - self._prev_readout[1]) / (t - self._prev_readout[0])
+            contraction = (eps - rate) / mean
+        self._prev_readout = (t, mean)
+        self._last_gaps = gaps.detach().cpu()
+        sample_losses = None if self.train_sample is None else self._train_sample_losses()
+        if sample_losses is not None and not torch.isfinite(sample_losses).all():
+            raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
+        train_loss, gap, gap_se, slope, hist_slope = regression_estimate(probe_losses, gaps, sample_losses, None, None)
+        record = {key: math.nan for key in HISTORY_KEYS}
+        record.update({
+            "step": self.step, "time": t, "train_loss": train_loss, "predicted_gap": gap,
+            "predicted_gap_se": gap_se, "predicted_test_loss": train_loss + gap,
+            "probe_train_loss": float(probe_losses.double().mean()), "probe_gap": mean,
+            "gap_slope": slope, "gap_effective_samples": effective_samples(gaps),
+            "contraction": contraction, "perturbation": eps, "sketch_extrapolation": 1.0,
+            "injected": float(self.perstep.injections),
+            "injection_simulated": float(self._stepper.simulate),
+        })
+        if self.effective is not None:
+            sub = jac[: self._m_k]
+            theta = torch.einsum("iap,jbp->iajb", sub, sub)
+            dt = t - getattr(self, "_k_time", t)
+            self._k_time = t
+            c = contraction if math.isfinite(contraction) else 0.0
+            stats = self.effective.update(dt, theta, r[: self._m_k], lam[: self._m_k], c)
+            record.update(alignment=stats.alignment, benign_fraction=stats.benign_fraction,
+                          kernel_fidelity=stats.kernel_fidelity, effective_gram_gap=stats.gap)
+            self._last_spectrum = torch.linalg.eigvalsh(theta.reshape(self._m_k * self.k, -1) / self._m_k).cpu()
+        return record
+
+    def _measure_periodic(self) -> Dict[str, float]:
         metric = read_optimizer(self.optimizer, self.model)
         ref_x, ref_y = self._reference_batch()
         rates = compute_rates(
@@ -624,6 +714,10 @@ class GramMonitor:
             "last_gaps": self._last_gaps,
             "cold_start": self._cold_start,
             "loss_integral": (self._loss_int, self._loss_prev, self._loss_time),
+            "perstep": None if self.perstep is None else self.perstep.state_dict(),
+            "stepper": None if self._stepper is None else self._stepper.state_dict(),
+            "elapsed_total": getattr(self, "_elapsed_total", 0.0),
+            "prev_readout": self._prev_readout,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -640,6 +734,11 @@ class GramMonitor:
         self._last_gaps = state["last_gaps"]
         self._cold_start = state.get("cold_start", False)
         self._loss_int, self._loss_prev, self._loss_time = state.get("loss_integral", (None, None, 0.0))
+        if self.perstep is not None and state.get("perstep") is not None:
+            self.perstep.load_state_dict(state["perstep"])
+            self._stepper.load_state_dict(state["stepper"])
+        self._elapsed_total = state.get("elapsed_total", 0.0)
+        self._prev_readout = state.get("prev_readout")
 
     # -- lifecycle ------------------------------------------------------------------------------
     def detach(self) -> None:

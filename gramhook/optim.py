@@ -155,3 +155,101 @@ def step_dt(optimizer: torch.optim.Optimizer, steps_taken: Optional[int] = None)
 def momentum_is_warm(optimizer: torch.optim.Optimizer) -> bool:
     """Whether an SGD optimizer already holds momentum buffers (a resumed or used optimizer)."""
     return any(state.get("momentum_buffer") is not None for state in optimizer.state.values())
+
+
+def _trained_groups(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """The groups that train model parameters, and the reference group: the first with lr > 0
+    (a group frozen by lr = 0 must not set the time step of the others)."""
+    by_id = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    groups = [g for g in optimizer.param_groups if any(id(p) in by_id for p in g["params"])]
+    if not groups:
+        raise ValueError(
+            "The optimizer trains none of the model's parameters: pass the optimizer built from "
+            "model.parameters()."
+        )
+    ref = next((g for g in groups if float(g["lr"]) > 0), groups[0])
+    return by_id, groups, ref
+
+
+def _adam_v(optimizer, group, p: Tensor, ahead: bool) -> tuple:
+    """Adam's second moment and its step count; ``ahead``: as the coming step will leave them."""
+    state = optimizer.state.get(p, {})
+    v = state.get("exp_avg_sq")
+    t = int(float(state["step"])) if "step" in state else 0
+    beta2 = float(group["betas"][1])
+    if ahead:
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        wd = float(group.get("weight_decay", 0.0))
+        if wd and not (type(optimizer).__name__ == "AdamW" or group.get("decoupled_weight_decay", False)):
+            g = g + wd * p.detach()
+        v = g * g * (1 - beta2) if v is None else v.detach() * beta2 + (1 - beta2) * g * g
+        if group.get("amsgrad", False) and state.get("max_exp_avg_sq") is not None:
+            v = torch.maximum(state["max_exp_avg_sq"].detach(), v)
+        t += 1
+    elif group.get("amsgrad", False) and state.get("max_exp_avg_sq") is not None:
+        v = state["max_exp_avg_sq"].detach()
+    return v, t
+
+
+def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool = False):
+    """P per trained parameter, relative to the reference group's learning rate η (the other
+    groups' ``lr/η`` folded in), or ``None`` for the identity.
+
+    ``ahead=True`` (in a step pre-hook, gradients set): Adam's P as the coming step will use it,
+    from the current ``v`` and gradient; otherwise from the state as it is.
+    """
+    check_optimizer(optimizer)
+    kind = type(optimizer).__name__
+    by_id, groups, ref = _trained_groups(optimizer, model)
+    lr0 = float(ref["lr"])
+    pre: Dict[str, Tensor] = {}
+    identity = kind == "SGD"
+    for group in groups:
+        scale = float(group["lr"]) / lr0 if lr0 > 0 else 0.0
+        identity = identity and scale == 1.0
+        for p in group["params"]:
+            name = by_id.get(id(p))
+            if name is None:
+                continue
+            if kind == "SGD":
+                pre[name] = torch.full_like(p, scale)
+                continue
+            v, t = _adam_v(optimizer, group, p, ahead)
+            if v is None or t == 0:
+                pre[name] = torch.full_like(p, scale)
+                continue
+            vhat = v / (1.0 - float(group["betas"][1]) ** t)
+            pre[name] = scale / (vhat.sqrt() + float(group["eps"]))
+    return None if identity else pre
+
+
+def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """The :class:`gramhook.dynamics.perstep.StepRule` of the step about to be taken (call it in
+    the optimizer's step pre-hook) and the P it uses (:func:`whitening` ahead)."""
+    from .dynamics.perstep import StepRule
+
+    kind = type(optimizer).__name__
+    by_id, groups, ref = _trained_groups(optimizer, model)
+    lr = float(ref["lr"])
+    wd = float(ref.get("weight_decay", 0.0))
+    pre = whitening(optimizer, model, ahead=True)
+    if kind == "SGD":
+        mu = float(ref.get("momentum", 0.0))
+        first = mu > 0 and not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in ref["params"])
+        # Coupled decay enters the gradient, so the buffer amplifies it like the gradient.
+        amp = 1.0 if (mu <= 0 or first) else 1.0 / (1.0 - mu)
+        rule = StepRule("sgd", lr=lr, momentum=mu, dampening=float(ref.get("dampening", 0.0)),
+                        nesterov=bool(ref.get("nesterov", False)), first=first, shrink=1.0 - lr * wd * amp)
+        return rule, pre
+    beta1 = float(ref["betas"][0])
+    p0 = next(p for p in ref["params"] if id(p) in by_id)
+    t = (int(float(optimizer.state[p0]["step"])) if "step" in optimizer.state.get(p0, {}) else 0) + 1
+    decoupled = kind == "AdamW" or bool(ref.get("decoupled_weight_decay", False))
+    if decoupled:
+        shrink = 1.0 - lr * wd
+    elif wd and pre is not None:
+        mean_p = float(torch.cat([pre[n].reshape(-1) for n in pre]).mean())
+        shrink = 1.0 - lr * wd * mean_p
+    else:
+        shrink = 1.0
+    return StepRule("adam", lr=lr, momentum=beta1, bias_correction=1.0 / (1.0 - beta1 ** t), shrink=shrink), pre

@@ -52,6 +52,8 @@ __all__ = [
     "per_sample_jacobians",
     "sketched_jacobian",
     "trainable_parameters",
+    "vjp_rows",
+    "flat_vector",
 ]
 
 
@@ -235,3 +237,47 @@ def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto"
                                             memory_budget=memory_budget, cotangents=cotangents)
     return _fast.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
                                    memory_budget=memory_budget, strict=method == "fast", cotangents=cotangents)
+
+
+@torch.enable_grad()
+def vjp_rows(model, x, cotangents, *, s=None, seed=0, preconditioner=None, method="auto",
+             memory_budget=DEFAULT_MEMORY_BUDGET):
+    """Per-sample vector–Jacobian products ``P^{1/2} J_iᵀ c_{i,q}`` with ``cotangents`` ``(m, q, k)``.
+
+    ``s=None``: flat over the trainable parameters, ``(m, q, P)``; an int ``s``: in the count-sketch
+    of :func:`sketched_jacobian` (same ``seed``, same ``S``), ``(m, q, s)``. One backward per row
+    ``q`` instead of one per output.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(3, 2)
+    >>> vjp_rows(net, torch.randn(4, 3), torch.randn(4, 1, 2)).shape
+    torch.Size([4, 1, 8])
+    """
+    _check_method(method)
+    if s is not None:
+        return sketched_jacobian(model, x, int(s), seed=seed, preconditioner=preconditioner, method=method,
+                                 memory_budget=memory_budget, cotangents=cotangents)
+    if method == "reference":
+        jac = _reference.flat_jacobian(model, x, preconditioner=preconditioner, power=0.5, memory_budget=memory_budget)
+        return torch.einsum("mqk,mkd->mqd", cotangents.to(jac.dtype), jac)
+    return _fast.flat_vjp(model, x, cotangents, preconditioner=preconditioner, memory_budget=memory_budget,
+                          strict=method == "fast")
+
+
+def flat_vector(tensors, *, s=None, seed=0, preconditioner=None):
+    """One vector per parameter name (``{name: (*shape)}``, e.g. gradients) scaled by ``P^{1/2}``,
+    flat ``(P,)`` in the given order, or in the count-sketch of :func:`sketched_jacobian` ``(s,)``.
+
+    >>> import torch
+    >>> flat_vector({"w": torch.ones(2, 3), "b": torch.ones(2)}).shape
+    torch.Size([8])
+    """
+    if s is not None:
+        return _fast.sketch_vectors(tensors, int(s), seed=seed, preconditioner=preconditioner)
+    parts = []
+    for name, t in tensors.items():
+        t = t.detach().reshape(-1)
+        if preconditioner is not None and name in preconditioner:
+            t = t * preconditioner[name].reshape(-1).to(t.dtype).sqrt()
+        parts.append(t)
+    return torch.cat(parts)

@@ -59,6 +59,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
+import weakref
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -151,7 +152,29 @@ def capture(layers: Sequence[LayerPlan]) -> Iterator[Dict[str, List[Tuple[Tensor
             h.remove()
 
 
+_plans: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
+
+
 def make_plan(model: nn.Module, x: Tensor, *, strict: bool = False) -> Plan:
+    """:func:`_plan_for`, remembered per model and signature (input shape past the batch, dtype,
+    device, the trainable parameters and their identities, the module tree), so that a call per
+    training step does not rerun the model to plan."""
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), strict,
+           tuple((n, id(p), p.requires_grad) for n, p in model.named_parameters()),
+           tuple(id(mod) for mod in model.modules()))
+    try:
+        cache = _plans.setdefault(model, {})
+    except TypeError:  # not weak-referenceable
+        return _plan_for(model, x, strict=strict)
+    plan = cache.get(key)
+    if plan is None:
+        plan = cache[key] = _plan_for(model, x, strict=strict)
+        if len(cache) > 16:
+            cache.pop(next(iter(cache)))
+    return plan
+
+
+def _plan_for(model: nn.Module, x: Tensor, *, strict: bool = False) -> Plan:
     """Assign each trainable parameter to a handler or to the reference path.
 
     Runs the model on ``x[:1]`` (in eval mode, with grad enabled so that modules take their
@@ -1145,3 +1168,58 @@ def flat_jacobian(
             return out
 
         return _run(fn, chunk_of)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-sample vector–Jacobian products, flat
+
+
+def flat_vjp(
+    model: nn.Module,
+    x: Tensor,
+    cotangents: Tensor,
+    *,
+    preconditioner: Preconditioner = None,
+    names: Optional[Sequence[str]] = None,
+    memory_budget: int = _ref.DEFAULT_MEMORY_BUDGET,
+    strict: bool = False,
+) -> Tensor:
+    """Per-sample vector–Jacobian products ``P^{1/2} J_iᵀ c_{i,q}``, flattened; fast path.
+
+    One forward with hooks and one backward per cotangent row; handled parameters are formed
+    from their layer's factors, the others through the reference path.
+
+    Args:
+        cotangents: ``(m, q, k)``.
+
+    Returns:
+        ``(m, q, P)``, columns in the order of :func:`flat_jacobian`.
+    """
+    params = _ref.trainable_parameters(model, names)
+    with _ref.eval_mode(model):
+        plan = _restrict_plan(make_plan(model, x, strict=strict), params, strict)
+        cot = cotangents.to(next(iter(params.values())).dtype)
+        contribs = _chunk_contributions(model, plan, x, cot.transpose(0, 1)) if plan.layers else {}
+        fallback = {}
+        if plan.fallback:
+            jac = _reference_jacobians(model, x, plan.fallback, memory_budget)
+            fallback = {n: torch.einsum("mqk,mkd->mqd", cot.to(j.dtype), j.flatten(2)) for n, j in jac.items()}
+        cols = []
+        for n in params:
+            g = contribs[n].dense().flatten(2) if n in contribs else fallback[n]
+            sp = _sqrt_p(preconditioner, n, g)
+            cols.append(g if sp is None else g * sp)
+    return torch.cat(cols, dim=2)
+
+
+def sketch_vectors(tensors: Mapping[str, Tensor], s: int, *, seed: int = 0,
+                   preconditioner: Preconditioner = None) -> Tensor:
+    """The count-sketch of :func:`sketched_jacobian` (same ``seed``, same ``S``) applied to one
+    ``P^{1/2}``-scaled vector per name, e.g. a gradient: ``{name: (*shape)}`` → ``(s,)``."""
+    out = None
+    for name, t in tensors.items():
+        g = t.detach().reshape(1, 1, -1).to(acc_dtype(t.dtype))
+        part = _count_sketch_dense(g, _hashes(name, tuple(t.shape), s, seed, t.device), s,
+                                   _sqrt_p(preconditioner, name, g))[0, 0]
+        out = part if out is None else out.add_(part)
+    return out

@@ -1,0 +1,173 @@
+"""What one training step feeds the per-step engine (THEORY §9): rows and injections from the
+trained batch, at the weights it was trained at.
+
+Called from the optimizer's step pre-hook, when ``.grad`` holds the batch's mean gradient and the
+weights are still ``w_t``:
+
+1. the batch inputs were recorded by the model's forward pre-hook (train mode only);
+2. probe samples in the batch are recognised by :class:`ProbeMatcher`;
+3. a random subsample of ``rows`` batch samples gives contraction rows ``z_j = P^{1/2} J_jᵀ c_j``,
+   one output direction ``c_j`` each, drawn from Λ_j's eigenvectors in proportion to their
+   eigenvalues and scaled by ``sqrt(tr Λ_j)`` (unbiased for ``J_jᵀ Λ_j J_j``; no labels needed);
+4. each recognised probe sample i gets its injection ``P^{1/2}(ḡ_B − ∇ℓ_i)/(B − 1)``, the change
+   of the batch's mean gradient when i is dropped, with ``ḡ_B`` read from ``.grad``.
+
+When no probe sample is ever recognised (augmented inputs, a probe given separately), injection
+is *simulated*: at every step each probe sample is trained with probability ``B/n``, as a sample
+of the training set would be, and injected from its own input. :attr:`StepCapture.mode` says which
+is active.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import kernel
+from .dynamics.perstep import PerStepEngine
+from .losses import Loss, output_hessian, residual_and_hessian
+from .measure import sampled_half_hessian
+from .optim import step_rule
+
+__all__ = ["ProbeMatcher", "StepCapture"]
+
+
+class ProbeMatcher:
+    """Finds the probe's own samples among training inputs.
+
+    Rows are matched by two fixed random projections (float64, relative tolerance 1e-9): an
+    exact copy of a probe input matches, an augmented or perturbed copy does not.
+    """
+
+    def __init__(self, probe_x: Tensor, seed: int):
+        self.shape = tuple(probe_x.shape[1:])
+        g = torch.Generator().manual_seed(seed + 3)
+        d = int(probe_x[0].numel())
+        self.w = torch.randn(d, 2, generator=g, dtype=torch.float64).to(probe_x.device)
+        self.keys = self._project(probe_x)                            # (m, 2)
+
+    def _project(self, x: Tensor) -> Tensor:
+        return x.detach().reshape(x.shape[0], -1).to(self.w.device, torch.float64) @ self.w
+
+    def match(self, x: Tensor) -> Tensor:
+        """Probe index of every row of ``x``, −1 where it is no probe sample, ``(B,)``."""
+        none = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        if tuple(x.shape[1:]) != self.shape or x.shape[0] == 0:
+            return none
+        f = self._project(x)
+        tol = 1e-9 * (1.0 + f.abs().unsqueeze(1) + self.keys.abs().unsqueeze(0))
+        hit = ((f.unsqueeze(1) - self.keys.unsqueeze(0)).abs() <= tol).all(-1)      # (B, m)
+        found = hit.any(1)
+        idx = torch.where(found, hit.float().argmax(1), torch.full_like(found, -1, dtype=torch.long))
+        return idx.to(x.device)
+
+    def keep(self, x: Tensor) -> Tensor:
+        """Boolean mask over the rows of ``x``: True for rows that are not probe samples."""
+        return self.match(x) < 0
+
+
+class StepCapture:
+    """Feeds a :class:`PerStepEngine` from each training step.
+
+    Args:
+        model, optimizer, loss: the user's.
+        probe_x, probe_y: the probe ``(m, ...)``.
+        n_train: n.
+        engine: the engine to advance.
+        sketch: the sketch size s, or ``None`` for exact coordinates.
+        rows: contraction rows per step (batch subsample).
+        seed: of the sketch and of the row and direction draws (a private generator).
+        method: kernel method.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, loss: Loss, probe_x: Tensor, probe_y: Tensor, n_train: int,
+                 engine: PerStepEngine, *, sketch: Optional[int], rows: int, seed: int, method: str = "auto"):
+        self.model, self.optimizer, self.loss = model, optimizer, loss
+        self.probe_x, self.probe_y, self.n_train = probe_x, probe_y, n_train
+        self.engine, self.sketch, self.rows, self.seed, self.method = engine, sketch, rows, seed, method
+        self.matcher = ProbeMatcher(probe_x, seed)
+        self.gen = torch.Generator().manual_seed(seed + 5)
+        self.pending: List[Tensor] = []
+        self.recognised = 0          # probe samples recognised in training batches so far
+        self.batch_rows = 0          # training rows seen so far
+        self.simulate = False
+
+    @property
+    def mode(self) -> str:
+        """``"recognised"``: probe samples are injected at the steps that train them;
+        ``"simulated"``: none was ever seen in a batch, so their training is simulated."""
+        return "simulated" if self.simulate else "recognised"
+
+    def record(self, x: Tensor) -> None:
+        """Forward pre-hook body: keep a reference to the training inputs until the step."""
+        if len(self.pending) < 64:
+            self.pending.append(x.detach())
+
+    def _batch(self) -> Optional[Tensor]:
+        xs, self.pending = self.pending, []
+        xs = [x for x in xs if tuple(x.shape[1:]) == tuple(self.probe_x.shape[1:])]
+        if not xs:
+            return None
+        return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+    def _trained(self):
+        names = kernel.trainable_parameters(self.model)
+        return {n: p for n, p in self.model.named_parameters() if n in names}
+
+    def step(self) -> None:
+        """Step pre-hook body: one engine step from the pending batch."""
+        x = self._batch()
+        rule, pre = step_rule(self.optimizer, self.model)
+        if x is None or x.shape[0] == 0:
+            self.engine.step(rule, None, None)
+            return
+        x = x.to(self.probe_x.device)
+        B = x.shape[0]
+        self.batch_rows += B
+        owner = self.matcher.match(x)
+        pos = torch.nonzero(owner >= 0).squeeze(1)
+        ids = owner[pos]
+        self.recognised += int(ids.numel())
+        if not self.simulate and self.recognised == 0 and self.batch_rows >= 2 * self.n_train:
+            self.simulate = True    # two epochs' worth of rows and no probe sample in any of them
+        if self.simulate:
+            draw = torch.rand(self.probe_x.shape[0], generator=self.gen) < min(1.0, B / self.n_train)
+            ids = torch.nonzero(draw).squeeze(1).to(self.probe_x.device)
+            x_inj = self.probe_x[ids]
+        else:
+            x_inj = x[pos]
+        sub = torch.randperm(B, generator=self.gen)[: min(self.rows, B)].to(x.device)
+        x_rows = x[sub]
+        with torch.no_grad(), kernel.eval_mode(self.model):
+            f = self.model(torch.cat([x_rows, x_inj])).reshape(x_rows.shape[0] + x_inj.shape[0], -1)
+        f_rows, f_inj = f[: x_rows.shape[0]], f[x_rows.shape[0]:]
+        lam = output_hessian(self.loss, f_rows, None, target_like=self.probe_y[0])
+        cot = sampled_half_hessian(lam, 1, self.gen)                        # (R, 1, k)
+        inject = ids.numel() > 0 and B > 1
+        if inject:
+            r, _ = residual_and_hessian(self.loss, f_inj, self.probe_y[ids])
+            cot = torch.cat([cot, r.unsqueeze(1).to(cot.dtype)])
+            x_all = torch.cat([x_rows, x_inj])
+        else:
+            x_all = x_rows
+        vec = kernel.vjp_rows(self.model, x_all, cot, s=self.sketch, seed=self.seed, preconditioner=pre,
+                              method=self.method)[:, 0]                      # (R + q, D)
+        R = x_rows.shape[0]
+        rows = vec[:R] / math.sqrt(R)
+        inj = None
+        if inject:
+            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self._trained().items()}
+            mean = kernel.flat_vector(grads, s=self.sketch, seed=self.seed, preconditioner=pre).to(vec.dtype)
+            inj = (mean.unsqueeze(0) - vec[R:]) / (B - 1)
+        self.engine.step(rule, rows, owner[sub], ids if inject else None, inj, batch=B, saturate=R < B)
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "recognised": self.recognised, "batch_rows": self.batch_rows,
+                "simulate": self.simulate}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.recognised, self.batch_rows = int(state["recognised"]), int(state["batch_rows"])
+        self.simulate = bool(state["simulate"])

@@ -1,0 +1,302 @@
+"""Per-step (cadence-free) coupled leave-one-out engine (THEORY §9). Pure tensor code.
+
+For every probe sample i the engine follows ``δ_i = w^(−i) − w``, the first-order difference
+between the run without z_i and the real run, at the resolution of the optimizer's own steps:
+
+.. math::
+    δg_i = H_{B_t∖i} δ_i + [i ∈ B_t] (ḡ_{B_t} − ∇ℓ_i)/(B − 1), \\qquad
+    ν_i ← μ ν_i + a·δg_i, \\qquad δ_i ← σ δ_i − η·\\mathrm{dir}(ν_i, δg_i)
+
+with the optimizer's own buffer rule (SGD heavy-ball, dampening and Nesterov; Adam's first
+moment with bias correction) and its decay (σ). ``H_{B∖i}`` is estimated from sampled
+contraction rows ``z_j = c_jᵀ J_j`` of the trained batch (``E[c cᵀ] = Λ_j``), and sample i's own
+row is excluded exactly. A measurement only *reads out*: ``u_i = J_i δ_i`` and
+``g_i = ℓ(f_i + u_i) − ℓ(f_i)``; nothing is integrated there, so readout cadence does not enter.
+
+Coordinates. The state lives in whitened coordinates ``y = P^{-1/2} δ`` (exact, dimension P) or
+their count-sketch ``Sᵀ P^{-1/2} δ`` (dimension s). Rows and injections come in as
+``P^{1/2}``-weighted vectors, so a step is ``y ← σ y − η·dir`` with ``δg = Σ_r ẑ_r (ẑ_r·y)``, and a
+readout is ``u_i = ĵ_iᵀ y_i`` with the same weighting. P is taken at the step (Adam reads its
+current ``v̂``); between steps the coordinates follow it, which treats P as slowly varying.
+
+Cost. Every update is a combination of the rows seen so far, so the engine keeps the state
+lazily: ``δ = σ·Y − β·V + Σ_u (−b_u) C_u Z_u`` and ``ν = α·V + Σ_u a_u C_u Z_u``, with a base
+``Y`` ``(m, D)``, the momentum base ``V`` ``(m, D)``, and a buffer of recent steps' rows ``Z_u``
+``(R_u, D)`` with their per-sample coefficients ``C_u`` ``(m, R_u)``; the scalars say how much of
+each part is still in the momentum buffer (``α``, ``a_u``) and how far it has moved the weights
+(``β``, ``b_u``). A step reads ``Y`` and ``V`` once each (``Y @ Zᵀ``); every ``window`` steps the
+buffer is folded into ``Y`` and ``V``, exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["StepRule", "PerStepEngine"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRule:
+    """How one optimizer step moves the weights, read from the optimizer at that step.
+
+    Attributes:
+        kind: ``"sgd"`` or ``"adam"``.
+        lr: η, the first trained group's learning rate (other groups are folded into P).
+        momentum: μ (SGD) or β₁ (Adam).
+        dampening: SGD's dampening d.
+        nesterov: SGD's Nesterov flag.
+        first: SGD: the momentum buffer is empty before this step (torch then sets buf = g).
+        bias_correction: Adam's ``1/(1 − β₁^t)`` at this step.
+        shrink: σ, the multiplicative decay of the weights this step: ``1 − η·λ`` for decoupled
+            weight decay; coupled decay is folded in as ``1 − η·λ/(1 − μ)``.
+    """
+
+    kind: str
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    first: bool = False
+    bias_correction: float = 1.0
+    shrink: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in ("sgd", "adam"):
+            raise ValueError(f"kind must be 'sgd' or 'adam', got {self.kind!r}")
+
+    @property
+    def inflow(self) -> float:
+        """Weight of this step's δg in the buffer (``a`` of the new entry)."""
+        if self.kind == "adam":
+            return 1.0 - self.momentum
+        return 1.0 if (self.first or self.momentum == 0) else 1.0 - self.dampening
+
+    def direction(self, a: Tensor, new: Tensor) -> Tensor:
+        """Weight of each entry in this step's update direction, from its buffer weight ``a``
+        (after this step's decay and inflow) and ``new`` (1 for this step's entry)."""
+        if self.kind == "adam":
+            return self.bias_correction * a
+        if self.momentum == 0:
+            return new
+        return self.momentum * a + new if self.nesterov else a
+
+
+class PerStepEngine:
+    """Coupled leave-one-out perturbations of m probe samples, advanced once per optimizer step.
+
+    Args:
+        m: probe samples.
+        dim: D, the coordinates (parameters, or the sketch size).
+        window: steps kept in the buffer before folding (``None``: never fold; exact).
+        dtype, device: of the state.
+
+    Example:
+        >>> eng = PerStepEngine(2, 3)
+        >>> rows = torch.tensor([[1.0, 0.0, 0.0]])
+        >>> inj = torch.tensor([[0.0, 1.0, 0.0]])
+        >>> eng.step(StepRule("sgd", lr=0.1), rows, torch.tensor([-1]), torch.tensor([0]), inj)
+        >>> eng.delta()[0]
+        tensor([ 0.0000, -0.1000,  0.0000])
+    """
+
+    def __init__(self, m: int, dim: int, *, window: Optional[int] = 32, dtype=torch.float32, device=None):
+        if m < 1 or dim < 1:
+            raise ValueError(f"PerStepEngine needs m ≥ 1 and dim ≥ 1, got m={m}, dim={dim}.")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be a positive int or None, got {window!r}.")
+        self.m, self.dim, self.window = m, dim, window
+        self.base = torch.zeros(m, dim, dtype=dtype, device=device)   # Y (m, D)
+        self.velocity = torch.zeros(m, dim, dtype=dtype, device=device)  # V (m, D)
+        self.sigma = 1.0                                              # δ = σ·Y − β·V + buffer
+        self.alpha, self.beta = 1.0, 0.0                              # ν = α·V + buffer
+        self.rows: List[Tensor] = []                                  # per step (R_u, D)
+        self.coef: List[Tensor] = []                                  # per step (m, R_u)
+        self.a = torch.zeros(0, dtype=torch.float64)                  # buffer weights (U,)
+        self.b = torch.zeros(0, dtype=torch.float64)                  # displacements (U,)
+        self._gram: Optional[Tensor] = None                           # rows_all @ rows_allᵀ cache
+        self.steps = 0
+        self.injections = 0
+
+    # -- the step -------------------------------------------------------------------------------
+    def _all_rows(self) -> Optional[Tensor]:
+        return torch.cat(self.rows) if self.rows else None
+
+    def _weighted_coef(self) -> Optional[Tensor]:
+        """``(m, R_all)``: each buffered row's coefficient in δ now (``−b_u`` times its δg share)."""
+        if not self.coef:
+            return None
+        sizes = [c.shape[1] for c in self.coef]
+        w = torch.repeat_interleave(self.b.to(self.base.dtype).to(self.base.device),
+                                    torch.tensor(sizes, device=self.base.device))
+        return -torch.cat(self.coef, 1) * w
+
+    def project(self, vectors: Tensor) -> Tensor:
+        """``⟨δ_i, v_r⟩`` for every probe sample and vector, ``(m, R)``, from ``vectors`` ``(R, D)``."""
+        vectors = vectors.to(self.base.dtype)
+        out = (self.base @ vectors.T) * self.sigma
+        if self.beta != 0.0:
+            out = out - (self.velocity @ vectors.T) * self.beta
+        rows, coef = self._all_rows(), self._weighted_coef()
+        if rows is not None:
+            out = out + coef @ (rows @ vectors.T)
+        return out
+
+    def step(self, rule: StepRule, rows: Optional[Tensor], owner: Optional[Tensor],
+             inj_idx: Optional[Tensor] = None, inj: Optional[Tensor] = None, batch: Optional[int] = None,
+             saturate: bool = False) -> None:
+        """Advance every δ_i by one optimizer step.
+
+        Args:
+            rule: the step's update rule.
+            rows: contraction rows ``(R, D)``, ``P^{1/2}``-weighted and scaled so that
+                ``Σ_r z_r z_rᵀ`` estimates ``P^{1/2} H_B P^{1/2}`` (or ``None``: no contraction).
+            owner: ``(R,)`` the probe sample each row belongs to, −1 for others: that sample's own
+                row is excluded from its own contraction.
+            inj_idx: ``(q,)`` probe samples trained in this step's batch.
+            inj: ``(q, D)`` their injections ``P^{1/2}(ḡ_B − ∇ℓ_i)/(B − 1)``.
+            batch: B. Run i averages its batch over the B − 1 others, so the contraction of the
+                samples in ``inj_idx`` is scaled by ``B/(B − 1)``.
+            saturate: the rows are a subsample of the batch, each standing for B/R samples. Their
+                operator ``ZᵀZ`` is replaced by ``Zᵀ Q diag(φ(e)/e) Qᵀ Z`` with
+                ``φ(e) = (1 − exp(−η e))/η`` (``Q diag(e) Qᵀ = Z Zᵀ``): the same to first order in
+                ηe, but a kick never removes more than the component it acts on. Without it, the
+                curvature of nearly orthogonal per-sample gradients is inflated B/R-fold and the
+                momentum recursion can leave its stability region (η e > 2(1 + μ)).
+        """
+        dtype, device = self.base.dtype, self.base.device
+        new_rows, new_coef = [], []
+        if rows is not None and rows.shape[0] > 0:
+            rows = rows.to(dtype)
+            own = None if owner is None else owner.to(device)
+            mine = torch.zeros(rows.shape[0], dtype=torch.bool, device=device) if own is None else own >= 0
+            scale = None
+            if batch is not None and batch > 1 and inj_idx is not None and inj_idx.numel() > 0:
+                scale = torch.ones(self.m, 1, dtype=dtype, device=device)
+                scale[inj_idx.to(device)] = batch / (batch - 1)
+            groups = [(None, torch.arange(rows.shape[0], device=device))]
+            # A probe sample that owns a row contracts with the other rows only.
+            groups += [(int(own[r]), torch.cat([torch.arange(r, device=device),
+                                                torch.arange(r + 1, rows.shape[0], device=device)]))
+                       for r in torch.nonzero(mine).squeeze(1).tolist()]
+            owners = [] if own is None else own[mine].tolist()
+            full = self.project(rows)                                  # (m, R): ⟨δ_i, z_r⟩
+            for who, sel in groups:
+                if sel.numel() == 0:
+                    continue
+                t = self._saturation(rows[sel], rule.lr) if saturate else None
+                z = rows[sel] if t is None else t @ rows[sel]
+                hd = full[:, sel] if t is None else full[:, sel] @ t.T
+                if who is None:
+                    if owners:
+                        hd = hd.clone()
+                        hd[torch.tensor(owners, device=device)] = 0.0
+                else:
+                    mask = torch.zeros(self.m, 1, dtype=dtype, device=device)
+                    mask[who] = 1.0
+                    hd = hd * mask
+                if scale is not None:
+                    hd = hd * scale
+                new_rows.append(z)
+                new_coef.append(hd)
+        if inj_idx is not None and inj_idx.numel() > 0:
+            c = torch.zeros(self.m, inj_idx.numel(), dtype=dtype, device=device)
+            c[inj_idx.to(device), torch.arange(inj_idx.numel(), device=device)] = 1.0
+            new_rows.append(inj.to(dtype))
+            new_coef.append(c)
+            self.injections += int(inj_idx.numel())
+        mu = rule.momentum
+        self.a = self.a * mu
+        new = torch.zeros_like(self.a)
+        if new_rows:
+            self.rows.append(torch.cat(new_rows))
+            self.coef.append(torch.cat(new_coef, 1))
+            self.a = torch.cat([self.a, torch.tensor([rule.inflow], dtype=torch.float64)])
+            self.b = torch.cat([self.b, torch.zeros(1, dtype=torch.float64)])
+            new = torch.cat([new, torch.ones(1, dtype=torch.float64)])
+        self.b = rule.shrink * self.b + rule.lr * rule.direction(self.a, new)
+        self.alpha *= mu
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.beta = rule.shrink * self.beta + rule.lr * float(rule.direction(torch.tensor([self.alpha], dtype=torch.float64), zero))
+        self.sigma *= rule.shrink
+        self.steps += 1
+        if self.window is not None and len(self.rows) >= self.window:
+            self.fold()
+
+    def _momentum(self) -> Tensor:
+        out = self.velocity * self.alpha
+        if self.rows:
+            sizes = [c.shape[1] for c in self.coef]
+            w = torch.repeat_interleave(self.a.to(self.base.dtype).to(self.base.device),
+                                        torch.tensor(sizes, device=self.base.device))
+            out = out + (torch.cat(self.coef, 1) * w) @ self._all_rows()
+        return out
+
+    @staticmethod
+    def _saturation(z: Tensor, lr: float) -> Tensor:
+        """``T = diag(sqrt(φ(e)/e)) Qᵀ`` ``(R, R)``: the saturated rows are ``T z`` (see :meth:`step`)."""
+        e, q = torch.linalg.eigh((z @ z.T).double())
+        x = lr * e.clamp(min=0)
+        ratio = torch.where(x > 1e-8, -torch.expm1(-x) / x.clamp(min=1e-300), 1 - 0.5 * x)
+        return (ratio.sqrt().unsqueeze(1) * q.T).to(z.dtype)
+
+    def fold(self) -> None:
+        """Fold the buffer into ``Y`` and ``V`` (exact)."""
+        if not self.rows:
+            return
+        self.base, self.velocity = self.delta(), self._momentum()
+        self.sigma, self.alpha, self.beta = 1.0, 1.0, 0.0
+        self.rows, self.coef = [], []
+        self.a = torch.zeros(0, dtype=torch.float64)
+        self.b = torch.zeros(0, dtype=torch.float64)
+
+    # -- readout --------------------------------------------------------------------------------
+    def delta(self) -> Tensor:
+        """The current δ_i (whitened coordinates), ``(m, D)``; the state is not changed."""
+        out = self.base * self.sigma
+        if self.beta != 0.0:
+            out = out - self.velocity * self.beta
+        rows, coef = self._all_rows(), self._weighted_coef()
+        return out if rows is None else out + coef @ rows
+
+    def own_outputs(self, jac: Tensor) -> Tensor:
+        """``u_i = ĵ_iᵀ y_i`` ``(m, k)`` from the probe's weighted Jacobians ``jac`` ``(m, k, D)``."""
+        jac = jac.to(self.base.dtype)
+        out = torch.einsum("ikd,id->ik", jac, self.base) * self.sigma
+        if self.beta != 0.0:
+            out = out - torch.einsum("ikd,id->ik", jac, self.velocity) * self.beta
+        rows, coef = self._all_rows(), self._weighted_coef()
+        if rows is not None:
+            out = out + torch.einsum("ikr,ir->ik", torch.einsum("ikd,rd->ikr", jac, rows), coef)
+        return out
+
+    def gaps(self, jac: Tensor, outputs: Tensor, targets: Tensor, loss: LossFn) -> Tensor:
+        """``g_i = ℓ(f_i + u_i, y_i) − ℓ(f_i, y_i)`` ``(m,)``, the exact loss difference."""
+        u = self.own_outputs(jac)
+        f = outputs.to(u.dtype)
+        return (loss(f + u, targets) - loss(f, targets)).detach()
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"base": self.base.clone(), "velocity": self.velocity.clone(), "sigma": self.sigma,
+                "alpha": self.alpha, "beta": self.beta, "rows": [r.clone() for r in self.rows],
+                "coef": [c.clone() for c in self.coef], "a": self.a.clone(), "b": self.b.clone(),
+                "steps": self.steps, "injections": self.injections, "window": self.window}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["base"].shape) != tuple(self.base.shape):
+            raise ValueError(f"engine state of shape {tuple(state['base'].shape)} does not fit this engine "
+                             f"{tuple(self.base.shape)} (another probe size or coordinates).")
+        dev, dt = self.base.device, self.base.dtype
+        self.base = state["base"].to(dev, dt).clone()
+        self.velocity = state["velocity"].to(dev, dt).clone()
+        self.sigma, self.alpha, self.beta = float(state["sigma"]), float(state["alpha"]), float(state["beta"])
+        self.rows = [r.to(dev, dt).clone() for r in state["rows"]]
+        self.coef = [c.to(dev, dt).clone() for c in state["coef"]]
+        self.a, self.b = state["a"].clone(), state["b"].clone()
+        self.steps, self.injections = int(state["steps"]), int(state["injections"])
