@@ -77,13 +77,13 @@ class StepCapture:
         n_train: n.
         engine: the engine to advance.
         sketch: the sketch size s, or ``None`` for exact coordinates.
-        rows: contraction rows per step (batch subsample).
+        rows: contraction rows per step (batch subsample; ``None``: half the batch).
         seed: of the sketch and of the row and direction draws (a private generator).
         method: kernel method.
     """
 
     def __init__(self, model: nn.Module, optimizer, loss: Loss, probe_x: Tensor, probe_y: Tensor, n_train: int,
-                 engine: PerStepEngine, *, sketch: Optional[int], rows: int, seed: int, method: str = "auto"):
+                 engine: PerStepEngine, *, sketch: Optional[int], rows: Optional[int], seed: int, method: str = "auto"):
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.probe_x, self.probe_y, self.n_train = probe_x, probe_y, n_train
         self.engine, self.sketch, self.rows, self.seed, self.method = engine, sketch, rows, seed, method
@@ -138,7 +138,8 @@ class StepCapture:
             x_inj = self.probe_x[ids]
         else:
             x_inj = x[pos]
-        sub = torch.randperm(B, generator=self.gen)[: min(self.rows, B)].to(x.device)
+        want = (B + 1) // 2 if self.rows is None else self.rows
+        sub = torch.randperm(B, generator=self.gen)[: min(want, B)].to(x.device)
         x_rows = x[sub]
         with torch.no_grad(), kernel.eval_mode(self.model):
             f = self.model(torch.cat([x_rows, x_inj])).reshape(x_rows.shape[0] + x_inj.shape[0], -1)

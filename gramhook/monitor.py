@@ -96,7 +96,10 @@ class MonitorConfig:
             its cadence does not change the prediction. ``"periodic"`` integrates between
             measurements from a reference reservoir (the settings ``reference_*``,
             ``contraction``, ``sketch_extrapolation`` and ``loss_history`` apply to it only).
-        rows: per-step engine: contraction rows drawn from each trained batch.
+        rows: per-step engine: contraction rows drawn from each trained batch (``None``: half
+            the batch, rounded up). Fewer rows stand for more samples each, which inflates their
+            curvature; on an MNIST MLP (batch 64) 32 rows gave 1.02× brute-force leave-one-out
+            and 8 rows 3.0×.
         window: per-step engine: steps buffered before they are folded into the state (see
             :class:`gramhook.dynamics.perstep.PerStepEngine`).
         seed: seed of the probe choice, sketch and reference sampling (private generators).
@@ -117,7 +120,7 @@ class MonitorConfig:
     loss_history: bool = False
     sketch_extrapolation: bool = False
     engine: str = "perstep"
-    rows: int = 8
+    rows: Optional[int] = None
     window: int = 32
     seed: int = 0
 
@@ -140,8 +143,8 @@ class MonitorConfig:
         Mode(self.mode)
         if self.engine not in ("perstep", "periodic"):
             raise ValueError(f"`engine` must be 'perstep' or 'periodic', got {self.engine!r}.")
-        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
-            raise ValueError(f"`rows` must be a positive int (contraction rows per step), got {self.rows!r}.")
+        if self.rows is not None and (isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1):
+            raise ValueError(f"`rows` must be None (half the batch) or a positive int (contraction rows per step), got {self.rows!r}.")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"`window` must be a positive int, got {self.window!r}.")
         if self.method not in kernel.METHODS:
