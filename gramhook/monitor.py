@@ -471,7 +471,9 @@ class GramMonitor:
     def _measure(self) -> Dict[str, float]:
         if self.perstep is not None:
             return self._readout()
-        return self._measure_periodic()
+        record = self._measure_periodic()
+        record.update(injected=math.nan, injection_simulated=math.nan)
+        return record
 
     def _readout(self) -> Dict[str, float]:
         """Per-step engine: read the maintained perturbations out at the current weights."""

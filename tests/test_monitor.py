@@ -1,4 +1,5 @@
 """GramMonitor inside real training loops: history, TensorBoard, no interference, failures."""
+import functools
 import copy
 import math
 import random
@@ -11,6 +12,11 @@ from torch import nn
 
 from gramhook import GramMonitor
 from gramhook.monitor import HISTORY_KEYS
+
+# These tests exercise the periodic engine and its reservoir, reference and history settings;
+# the per-step engine has its own tests (tests/test_perstep.py).
+GramMonitor = functools.partial(GramMonitor, engine="periodic")
+
 
 N, D, K = 96, 6, 3
 
@@ -184,17 +190,21 @@ def test_eval_mode_model_and_frozen_parameters():
     mon.close()
 
 
-def test_measurement_failure_never_stops_training(monkeypatch):
+@pytest.mark.parametrize("engine", ["perstep", "periodic"])
+def test_measurement_failure_never_stops_training(monkeypatch, engine):
     x, y = _data()
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=N, every=1, probe_size=8)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=N, every=1, probe_size=8, engine=engine)
     import gramhook.monitor as monitor_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(monitor_module, "compute_rates", boom)
+    if engine == "periodic":
+        monkeypatch.setattr(monitor_module, "compute_rates", boom)
+    else:
+        monkeypatch.setattr(monitor_module.GramMonitor, "_readout", boom)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _train(model, opt, x, y, 5)

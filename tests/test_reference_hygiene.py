@@ -1,5 +1,6 @@
 """The reference batch stands for the *other* training samples, and the flow's clock follows SGD
 momentum from an empty buffer."""
+import functools
 import math
 
 import pytest
@@ -10,6 +11,11 @@ from gramhook import GramMonitor
 from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates
 from gramhook.monitor import _ProbeFilter
 from gramhook.optim import momentum_is_warm, step_dt
+
+# These tests exercise the periodic engine and its reservoir, reference and history settings;
+# the per-step engine has its own tests (tests/test_perstep.py).
+GramMonitor = functools.partial(GramMonitor, engine="periodic")
+
 
 N, D, K = 80, 5, 3
 
