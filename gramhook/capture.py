@@ -80,14 +80,16 @@ class StepCapture:
         rows: contraction rows per step (batch subsample; ``None``: half the batch).
         seed: of the sketch and of the row and direction draws (a private generator).
         method: kernel method.
+        matcher: recognises probe rows (default: a new one from the probe and seed).
     """
 
     def __init__(self, model: nn.Module, optimizer, loss: Loss, probe_x: Tensor, probe_y: Tensor, n_train: int,
-                 engine: PerStepEngine, *, sketch: Optional[int], rows: Optional[int], seed: int, method: str = "auto"):
+                 engine: PerStepEngine, *, sketch: Optional[int], rows: Optional[int], seed: int, method: str = "auto",
+                 matcher: Optional[ProbeMatcher] = None):
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.probe_x, self.probe_y, self.n_train = probe_x, probe_y, n_train
         self.engine, self.sketch, self.rows, self.seed, self.method = engine, sketch, rows, seed, method
-        self.matcher = ProbeMatcher(probe_x, seed)
+        self.matcher = matcher if matcher is not None else ProbeMatcher(probe_x, seed)
         self.gen = torch.Generator().manual_seed(seed + 5)
         self.pending: List[Tensor] = []
         self.recognised = 0          # probe samples recognised in training batches so far
@@ -111,10 +113,6 @@ class StepCapture:
         if not xs:
             return None
         return xs[0] if len(xs) == 1 else torch.cat(xs)
-
-    def _trained(self):
-        names = kernel.trainable_parameters(self.model)
-        return {n: p for n, p in self.model.named_parameters() if n in names}
 
     def step(self) -> None:
         """Step pre-hook body: one engine step from the pending batch."""
@@ -159,7 +157,8 @@ class StepCapture:
         rows = vec[:R] / math.sqrt(R)
         inj = None
         if inject:
-            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in self._trained().items()}
+            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                     for n, p in self.model.named_parameters() if p.requires_grad}
             mean = kernel.flat_vector(grads, s=self.sketch, seed=self.seed, preconditioner=pre).to(vec.dtype)
             inj = (mean.unsqueeze(0) - vec[R:]) / (B - 1)
         self.engine.step(rule, rows, owner[sub], ids if inject else None, inj, batch=B, saturate=R < B)

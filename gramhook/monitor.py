@@ -199,11 +199,6 @@ class _Reservoir:
         self.gen.set_state(state["gen"])
 
 
-# The periodic engine keeps probe rows out of its reference reservoir (a probe sample there would
-# contract its own perturbation and wipe out its gap); ``ProbeMatcher`` recognises them.
-_ProbeFilter = ProbeMatcher
-
-
 class GramMonitor:
     """Predict the test loss of a model while it trains, from the empirical NTK on a probe.
 
@@ -277,6 +272,8 @@ class GramMonitor:
         self._loss_prev: Optional[Tensor] = None
         self._loss_time = 0.0
         self.holdout = self._tensors(holdout, "holdout", labelled=True)
+        # Probe rows in training batches: the per-step engine injects them; the periodic engine keeps
+        # them out of its reference (there a probe sample would contract its own perturbation).
         self._probe_filter = ProbeMatcher(self.probe.x, self.config.seed)
         self.reference = self._tensors(reference, "reference", labelled=False)
         if self.reference is not None:
@@ -311,15 +308,19 @@ class GramMonitor:
         dim = n_params if coords == "exact" else int(coords)
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        self.engine = ParameterSpaceEngine(self.engine_config, dim, self.loss, dtype=dtype, device=self.device)
+        self.engine: Optional[ParameterSpaceEngine] = None
         self.perstep: Optional[PerStepEngine] = None
         self._stepper: Optional[StepCapture] = None
-        if self.config.engine == "perstep":
+        if self.config.engine == "periodic":
+            self.engine = ParameterSpaceEngine(self.engine_config, dim, self.loss, dtype=dtype, device=self.device)
+        else:
             self.perstep = PerStepEngine(m, dim, window=self.config.window, dtype=dtype, device=self.device)
             self._stepper = StepCapture(model, optimizer, self.loss, self.probe.x, self.probe.y, self.n_train,
                                         self.perstep, sketch=None if coords == "exact" else int(coords),
-                                        rows=self.config.rows, seed=self.config.seed, method=self.config.method)
+                                        rows=self.config.rows, seed=self.config.seed, method=self.config.method,
+                                        matcher=self._probe_filter)
         self._prev_readout = None  # (time, mean gap) of the previous per-step readout
+        self._elapsed_total = 0.0  # flow time of the per-step engine's readouts
         m_k = min(self.config.effective_gram_size, m)
         self.effective = EffectiveGram(self.n_train, dtype=dtype, device=self.device) if m_k >= 2 else None
         self._m_k = m_k
@@ -339,8 +340,7 @@ class GramMonitor:
         self._handles = [optimizer.register_step_post_hook(self._on_step)]
         if self._stepper is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
-            self._handles.append(model.register_forward_pre_hook(self._record))
-        elif self.reference is None:
+        if self._stepper is not None or self.reference is None:
             self._handles.append(model.register_forward_pre_hook(self._capture))
         self.measure()
 
@@ -389,18 +389,11 @@ class GramMonitor:
 
     # -- hooks --------------------------------------------------------------------------------
     def _capture(self, module, args):
+        """Training inputs: the per-step engine's pending batch, or the periodic reservoir."""
         if not module.training or not args or not isinstance(args[0], Tensor):
             return
         try:
-            self._reservoir.add(args[0])
-        except Exception as exc:  # never break the user's forward
-            self._report("capture", exc)
-
-    def _record(self, module, args):
-        if not module.training or not args or not isinstance(args[0], Tensor):
-            return
-        try:
-            self._stepper.record(args[0])
+            (self._stepper.record if self._stepper is not None else self._reservoir.add)(args[0])
         except Exception as exc:  # never break the user's forward
             self._report("capture", exc)
 
@@ -494,7 +487,7 @@ class GramMonitor:
         r, lam = residual_and_hessian(self.loss, out, y)
         grads = torch.einsum("ikd,ik->id", jac, r.to(jac.dtype))
         eps = perturbation_factor(grads, None, self.n_train)
-        self._elapsed_total = getattr(self, "_elapsed_total", 0.0) + self._elapsed
+        self._elapsed_total += self._elapsed
         self._elapsed = 0.0
         t = self._elapsed_total
         mean = float(gaps.double().mean())
@@ -711,7 +704,7 @@ class GramMonitor:
             "step": self.step,
             "elapsed": self._elapsed,
             "history": [dict(h) for h in self.history],
-            "engine": self.engine.state_dict(),
+            "engine": None if self.engine is None else self.engine.state_dict(),
             "effective": None if self.effective is None else self.effective.state_dict(),
             "k_time": getattr(self, "_k_time", None),
             "reservoir": self._reservoir.state_dict(),
@@ -721,7 +714,7 @@ class GramMonitor:
             "loss_integral": (self._loss_int, self._loss_prev, self._loss_time),
             "perstep": None if self.perstep is None else self.perstep.state_dict(),
             "stepper": None if self._stepper is None else self._stepper.state_dict(),
-            "elapsed_total": getattr(self, "_elapsed_total", 0.0),
+            "elapsed_total": self._elapsed_total,
             "prev_readout": self._prev_readout,
         }
 
@@ -729,7 +722,8 @@ class GramMonitor:
         self.step = state["step"]
         self._elapsed = state["elapsed"]
         self.history = [dict(h) for h in state["history"]]
-        self.engine.load_state_dict(state["engine"])
+        if self.engine is not None:
+            self.engine.load_state_dict(state["engine"])
         if self.effective is not None and state["effective"] is not None:
             self.effective.load_state_dict(state["effective"])
         if state["k_time"] is not None:

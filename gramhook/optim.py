@@ -9,8 +9,9 @@ Training is read as the flow ``ẇ = −P ∇L_S(w) − λ w``; every optimizer 
   ``v̂ = v/(1−β₂^t)`` (``max_exp_avg_sq`` with amsgrad). Decoupled decay (AdamW) has rate λ; coupled
   decay (Adam's ``weight_decay``) has rate ``λ·P``.
 
-Parameter groups with different learning rates are folded into P: dt is the first group's
-step, and another group's P is scaled by its step over dt.
+Parameter groups with different learning rates are folded into P: dt is the step of the first
+group with a positive learning rate, and another group's P is scaled by its step over dt (a
+group frozen by lr = 0 gets P = 0).
 """
 from __future__ import annotations
 
@@ -103,14 +104,8 @@ def read_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> StepMe
     """
     check_optimizer(optimizer)
     kind = type(optimizer).__name__
-    by_id = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    groups = [g for g in optimizer.param_groups if any(id(p) in by_id for p in g["params"])]
-    if not groups:
-        raise ValueError(
-            "The optimizer trains none of the model's parameters: pass the optimizer built from "
-            "model.parameters()."
-        )
-    dt = _group_step(kind, groups[0])
+    by_id, groups, ref = _trained_groups(optimizer, model)
+    dt = _group_step(kind, ref)
     precond: Dict[str, Tensor] = {}
     decay: Dict[str, object] = {}
     names = []
@@ -199,8 +194,11 @@ def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool
     from the current ``v`` and gradient; otherwise from the state as it is.
     """
     check_optimizer(optimizer)
+    return _whitening(optimizer, *_trained_groups(optimizer, model), ahead)
+
+
+def _whitening(optimizer, by_id, groups, ref, ahead: bool):
     kind = type(optimizer).__name__
-    by_id, groups, ref = _trained_groups(optimizer, model)
     lr0 = float(ref["lr"])
     pre: Dict[str, Tensor] = {}
     identity = kind == "SGD"
@@ -232,7 +230,7 @@ def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module):
     by_id, groups, ref = _trained_groups(optimizer, model)
     lr = float(ref["lr"])
     wd = float(ref.get("weight_decay", 0.0))
-    pre = whitening(optimizer, model, ahead=True)
+    pre = _whitening(optimizer, by_id, groups, ref, ahead=True)
     if kind == "SGD":
         mu = float(ref.get("momentum", 0.0))
         first = mu > 0 and not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in ref["params"])

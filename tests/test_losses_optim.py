@@ -458,3 +458,19 @@ def test_sketched_engine_coordinates_leave_out_parameters_the_optimizer_does_not
         p.requires_grad_(True)
     all_params = engine_jacobian(model, x, 512, read_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model), seed=3)
     assert not torch.allclose(all_params, want, atol=1e-6)
+
+
+def test_group_frozen_by_zero_lr_listed_first_does_not_set_the_time_step():
+    from gramhook.optim import step_rule, whitening
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                           {"params": model[2].parameters(), "lr": 0.1}], momentum=0.9)
+    metric = read_optimizer(opt, model)
+    assert metric.dt == pytest.approx(0.1 / (1 - 0.9))
+    assert float(metric.preconditioner["0.weight"].abs().max()) == 0.0
+    assert float(metric.preconditioner["2.weight"].min()) == pytest.approx(1.0)
+    rule, pre = step_rule(opt, model)
+    assert rule.lr == pytest.approx(0.1)
+    assert float(pre["0.weight"].abs().max()) == 0.0 and float(pre["2.bias"].min()) == 1.0
+    assert whitening(opt, model)["2.weight"].eq(1.0).all()

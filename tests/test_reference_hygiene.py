@@ -9,7 +9,7 @@ from torch import nn
 
 from gramhook import GramMonitor
 from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates
-from gramhook.monitor import _ProbeFilter
+from gramhook.capture import ProbeMatcher
 from gramhook.optim import momentum_is_warm, step_dt
 
 # These tests exercise the periodic engine and its reservoir, reference and history settings;
@@ -28,7 +28,7 @@ def _data():
 
 def test_probe_filter_matches_probe_rows_only():
     x, _ = _data()
-    f = _ProbeFilter(x[:10], seed=0)
+    f = ProbeMatcher(x[:10], seed=0)
     batch = torch.cat([x[5:15], x[3:4] + 1e-4, x[:2].double().float()])
     keep = f.keep(batch)
     assert keep.tolist() == [False] * 5 + [True] * 5 + [True] + [False] * 2

@@ -30,7 +30,6 @@ buffer is folded into ``Y`` and ``V``, exactly.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable, List, Optional
 
 import torch
@@ -127,14 +126,16 @@ class PerStepEngine:
     def _all_rows(self) -> Optional[Tensor]:
         return torch.cat(self.rows) if self.rows else None
 
-    def _weighted_coef(self) -> Optional[Tensor]:
-        """``(m, R_all)``: each buffered row's coefficient in δ now (``−b_u`` times its δg share)."""
+    def _buffer_coef(self, weights: Tensor) -> Optional[Tensor]:
+        """``(m, R_all)``: each buffered step's coefficients times its scalar in ``weights`` ``(U,)``."""
         if not self.coef:
             return None
-        sizes = [c.shape[1] for c in self.coef]
-        w = torch.repeat_interleave(self.b.to(self.base.dtype).to(self.base.device),
-                                    torch.tensor(sizes, device=self.base.device))
-        return -torch.cat(self.coef, 1) * w
+        sizes = torch.tensor([c.shape[1] for c in self.coef], device=self.base.device)
+        return torch.cat(self.coef, 1) * torch.repeat_interleave(weights.to(self.base.device, self.base.dtype), sizes)
+
+    def _weighted_coef(self) -> Optional[Tensor]:
+        """Each buffered row's coefficient in δ now (``−b_u`` times its δg share)."""
+        return self._buffer_coef(-self.b)
 
     def project(self, vectors: Tensor) -> Tensor:
         """``⟨δ_i, v_r⟩`` for every probe sample and vector, ``(m, R)``, from ``vectors`` ``(R, D)``."""
@@ -229,13 +230,9 @@ class PerStepEngine:
             self.fold()
 
     def _momentum(self) -> Tensor:
+        """The current ν_i, ``(m, D)``."""
         out = self.velocity * self.alpha
-        if self.rows:
-            sizes = [c.shape[1] for c in self.coef]
-            w = torch.repeat_interleave(self.a.to(self.base.dtype).to(self.base.device),
-                                        torch.tensor(sizes, device=self.base.device))
-            out = out + (torch.cat(self.coef, 1) * w) @ self._all_rows()
-        return out
+        return out if not self.rows else out + self._buffer_coef(self.a) @ self._all_rows()
 
     @staticmethod
     def _saturation(z: Tensor, lr: float) -> Tensor:
