@@ -137,8 +137,8 @@ def test_fold_is_exact():
 
 def test_saturation_keeps_first_order_and_caps_kicks():
     z = torch.tensor([[3.0, 0.0], [0.0, 1e-3]], dtype=F64)
-    t = PerStepEngine._saturation(z, lr=1.0)
-    e = torch.linalg.eigvalsh((t @ z).T @ (t @ z))
+    m = PerStepEngine._saturation(z, lr=1.0)
+    e = torch.linalg.eigvalsh(z.T @ m @ z)
     torch.testing.assert_close(e, torch.tensor([1e-6 * (1 - 0.5e-6), 1 - torch.exp(torch.tensor(-9.0)).item()], dtype=F64),
                                rtol=1e-5, atol=1e-12)
 

@@ -86,6 +86,65 @@ class StepRule:
         return self.momentum * a + new if self.nesterov else a
 
 
+class _Buffer:
+    """Rows of the steps since the last fold ``(U_rows, D)`` and their per-sample coefficients
+    ``(m, U_rows)``, in preallocated storage (no concatenation per step).
+
+    ``full`` once it holds ``capacity`` rows: the per-step cost of reading it (``U_rows·D·R``)
+    then matches the cost of folding it (``m·D`` per row), so the engine folds.
+    """
+
+    def __init__(self, m: int, dim: int, capacity: int, dtype, device):
+        self.capacity = capacity
+        self.rows = torch.empty(capacity, dim, dtype=dtype, device=device)
+        self.coef = torch.empty(m, capacity, dtype=dtype, device=device)
+        self.used = 0
+        self.sizes: List[int] = []      # rows appended per step
+
+    @property
+    def steps(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def full(self) -> bool:
+        return self.used >= self.capacity
+
+    def append(self, rows: Tensor, coef: Tensor) -> None:
+        r = rows.shape[0]
+        if self.used + r > self.rows.shape[0]:
+            grow = self.used + r
+            self.rows = torch.cat([self.rows[: self.used], rows.new_empty(grow - self.used, rows.shape[1])])
+            self.coef = torch.cat([self.coef[:, : self.used], coef.new_empty(coef.shape[0], grow - self.used)], 1)
+        self.rows[self.used:self.used + r] = rows
+        self.coef[:, self.used:self.used + r] = coef
+        self.used += r
+        self.sizes.append(r)
+
+    def rows_view(self) -> Optional[Tensor]:
+        return self.rows[: self.used] if self.used else None
+
+    def coef_view(self, weights: Tensor) -> Optional[Tensor]:
+        """Coefficients with each step's block scaled by its entry of ``weights`` ``(steps,)``."""
+        if not self.used:
+            return None
+        w = torch.repeat_interleave(weights.to(self.coef.device, self.coef.dtype),
+                                    torch.tensor(self.sizes, device=self.coef.device))
+        return self.coef[:, : self.used] * w
+
+    def clear(self) -> None:
+        self.used, self.sizes = 0, []
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows[: self.used].clone(), "coef": self.coef[:, : self.used].clone(),
+                "sizes": list(self.sizes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clear()
+        if state["sizes"]:
+            self.append(state["rows"].to(self.rows.device, self.rows.dtype), state["coef"].to(self.coef.device, self.coef.dtype))
+            self.sizes = list(state["sizes"])
+
+
 class PerStepEngine:
     """Coupled leave-one-out perturbations of m probe samples, advanced once per optimizer step.
 
@@ -114,8 +173,7 @@ class PerStepEngine:
         self.velocity = torch.zeros(m, dim, dtype=dtype, device=device)  # V (m, D)
         self.sigma = 1.0                                              # δ = σ·Y − β·V + buffer
         self.alpha, self.beta = 1.0, 0.0                              # ν = α·V + buffer
-        self.rows: List[Tensor] = []                                  # per step (R_u, D)
-        self.coef: List[Tensor] = []                                  # per step (m, R_u)
+        self.buffer = _Buffer(m, dim, max(2 * m, 64), dtype, device)  # rows Z_u and coefficients C_u
         self.a = torch.zeros(0, dtype=torch.float64)                  # buffer weights (U,)
         self.b = torch.zeros(0, dtype=torch.float64)                  # displacements (U,)
         self._gram: Optional[Tensor] = None                           # rows_all @ rows_allᵀ cache
@@ -124,14 +182,11 @@ class PerStepEngine:
 
     # -- the step -------------------------------------------------------------------------------
     def _all_rows(self) -> Optional[Tensor]:
-        return torch.cat(self.rows) if self.rows else None
+        return self.buffer.rows_view()
 
     def _buffer_coef(self, weights: Tensor) -> Optional[Tensor]:
         """``(m, R_all)``: each buffered step's coefficients times its scalar in ``weights`` ``(U,)``."""
-        if not self.coef:
-            return None
-        sizes = torch.tensor([c.shape[1] for c in self.coef], device=self.base.device)
-        return torch.cat(self.coef, 1) * torch.repeat_interleave(weights.to(self.base.device, self.base.dtype), sizes)
+        return self.buffer.coef_view(weights)
 
     def _weighted_coef(self) -> Optional[Tensor]:
         """Each buffered row's coefficient in δ now (``−b_u`` times its δg share)."""
@@ -164,7 +219,7 @@ class PerStepEngine:
             batch: B. Run i averages its batch over the B − 1 others, so the contraction of the
                 samples in ``inj_idx`` is scaled by ``B/(B − 1)``.
             saturate: the rows are a subsample of the batch, each standing for B/R samples. Their
-                operator ``ZᵀZ`` is replaced by ``Zᵀ Q diag(φ(e)/e) Qᵀ Z`` with
+                operator ``ZᵀZ`` is replaced by ``Zᵀ M Z``, ``M = Q diag(φ(e)/e) Qᵀ``, with
                 ``φ(e) = (1 − exp(−η e))/η`` (``Q diag(e) Qᵀ = Z Zᵀ``): the same to first order in
                 ηe, but a kick never removes more than the component it acts on. Without it, the
                 curvature of nearly orthogonal per-sample gradients is inflated B/R-fold and the
@@ -180,31 +235,20 @@ class PerStepEngine:
             if batch is not None and batch > 1 and inj_idx is not None and inj_idx.numel() > 0:
                 scale = torch.ones(self.m, 1, dtype=dtype, device=device)
                 scale[inj_idx.to(device)] = batch / (batch - 1)
-            groups = [(None, torch.arange(rows.shape[0], device=device))]
-            # A probe sample that owns a row contracts with the other rows only.
-            groups += [(int(own[r]), torch.cat([torch.arange(r, device=device),
-                                                torch.arange(r + 1, rows.shape[0], device=device)]))
-                       for r in torch.nonzero(mine).squeeze(1).tolist()]
-            owners = [] if own is None else own[mine].tolist()
             full = self.project(rows)                                  # (m, R): ⟨δ_i, z_r⟩
-            for who, sel in groups:
-                if sel.numel() == 0:
-                    continue
-                t = self._saturation(rows[sel], rule.lr) if saturate else None
-                z = rows[sel] if t is None else t @ rows[sel]
-                hd = full[:, sel] if t is None else full[:, sel] @ t.T
-                if who is None:
-                    if owners:
-                        hd = hd.clone()
-                        hd[torch.tensor(owners, device=device)] = 0.0
-                else:
-                    mask = torch.zeros(self.m, 1, dtype=dtype, device=device)
-                    mask[who] = 1.0
-                    hd = hd * mask
-                if scale is not None:
-                    hd = hd * scale
-                new_rows.append(z)
-                new_coef.append(hd)
+            # δg_i = Σ_r coef[i, r] z_r; with saturation the operator is Zᵀ M Z.
+            coef = full @ self._saturation(rows, rule.lr) if saturate else full.clone()
+            for r in torch.nonzero(mine).squeeze(1).tolist():
+                # A probe sample that owns a row contracts with the other rows only.
+                who = int(own[r])
+                coef[who] = 0.0
+                sel = torch.cat([torch.arange(r, device=device), torch.arange(r + 1, rows.shape[0], device=device)])
+                if sel.numel():
+                    coef[who, sel] = full[who, sel] @ self._saturation(rows[sel], rule.lr) if saturate else full[who, sel]
+            if scale is not None:
+                coef = coef * scale
+            new_rows.append(rows)
+            new_coef.append(coef)
         if inj_idx is not None and inj_idx.numel() > 0:
             c = torch.zeros(self.m, inj_idx.numel(), dtype=dtype, device=device)
             c[inj_idx.to(device), torch.arange(inj_idx.numel(), device=device)] = 1.0
@@ -215,8 +259,7 @@ class PerStepEngine:
         self.a = self.a * mu
         new = torch.zeros_like(self.a)
         if new_rows:
-            self.rows.append(torch.cat(new_rows))
-            self.coef.append(torch.cat(new_coef, 1))
+            self.buffer.append(torch.cat(new_rows), torch.cat(new_coef, 1))
             self.a = torch.cat([self.a, torch.tensor([rule.inflow], dtype=torch.float64)])
             self.b = torch.cat([self.b, torch.zeros(1, dtype=torch.float64)])
             new = torch.cat([new, torch.ones(1, dtype=torch.float64)])
@@ -226,29 +269,30 @@ class PerStepEngine:
         self.beta = rule.shrink * self.beta + rule.lr * float(rule.direction(torch.tensor([self.alpha], dtype=torch.float64), zero))
         self.sigma *= rule.shrink
         self.steps += 1
-        if self.window is not None and len(self.rows) >= self.window:
+        if self.buffer.full or (self.window is not None and self.buffer.steps >= self.window):
             self.fold()
 
     def _momentum(self) -> Tensor:
         """The current ν_i, ``(m, D)``."""
         out = self.velocity * self.alpha
-        return out if not self.rows else out + self._buffer_coef(self.a) @ self._all_rows()
+        return out if not self.buffer.steps else out + self._buffer_coef(self.a) @ self._all_rows()
 
     @staticmethod
     def _saturation(z: Tensor, lr: float) -> Tensor:
-        """``T = diag(sqrt(φ(e)/e)) Qᵀ`` ``(R, R)``: the saturated rows are ``T z`` (see :meth:`step`)."""
+        """``M = Q diag(φ(e)/e) Qᵀ`` ``(R, R)`` with ``Q diag(e) Qᵀ = z zᵀ``: the saturated operator
+        is ``zᵀ M z`` (see :meth:`step`); ``M = I`` to first order in ``η e``."""
         e, q = torch.linalg.eigh((z @ z.T).double())
         x = lr * e.clamp(min=0)
         ratio = torch.where(x > 1e-8, -torch.expm1(-x) / x.clamp(min=1e-300), 1 - 0.5 * x)
-        return (ratio.sqrt().unsqueeze(1) * q.T).to(z.dtype)
+        return ((q * ratio.unsqueeze(0)) @ q.T).to(z.dtype)
 
     def fold(self) -> None:
         """Fold the buffer into ``Y`` and ``V`` (exact)."""
-        if not self.rows:
+        if not self.buffer.steps:
             return
         self.base, self.velocity = self.delta(), self._momentum()
         self.sigma, self.alpha, self.beta = 1.0, 1.0, 0.0
-        self.rows, self.coef = [], []
+        self.buffer.clear()
         self.a = torch.zeros(0, dtype=torch.float64)
         self.b = torch.zeros(0, dtype=torch.float64)
 
@@ -281,8 +325,8 @@ class PerStepEngine:
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"base": self.base.clone(), "velocity": self.velocity.clone(), "sigma": self.sigma,
-                "alpha": self.alpha, "beta": self.beta, "rows": [r.clone() for r in self.rows],
-                "coef": [c.clone() for c in self.coef], "a": self.a.clone(), "b": self.b.clone(),
+                "alpha": self.alpha, "beta": self.beta, "buffer": self.buffer.state_dict(),
+                "a": self.a.clone(), "b": self.b.clone(),
                 "steps": self.steps, "injections": self.injections, "window": self.window}
 
     def load_state_dict(self, state: dict) -> None:
@@ -293,7 +337,6 @@ class PerStepEngine:
         self.base = state["base"].to(dev, dt).clone()
         self.velocity = state["velocity"].to(dev, dt).clone()
         self.sigma, self.alpha, self.beta = float(state["sigma"]), float(state["alpha"]), float(state["beta"])
-        self.rows = [r.to(dev, dt).clone() for r in state["rows"]]
-        self.coef = [c.to(dev, dt).clone() for c in state["coef"]]
+        self.buffer.load_state_dict(state["buffer"])
         self.a, self.b = state["a"].clone(), state["b"].clone()
         self.steps, self.injections = int(state["steps"]), int(state["injections"])
