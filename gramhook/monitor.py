@@ -472,20 +472,19 @@ class GramMonitor:
         """Per-step engine: read the maintained perturbations out at the current weights."""
         pre = whitening(self.optimizer, self.model)
         x, y = self.probe.x, self.probe.y
-        coords = self.coordinates
+        sketch = None if self.coordinates == "exact" else int(self.coordinates)
+        seed, method = self.config.seed, self.config.method
         with torch.no_grad(), kernel.eval_mode(self.model):
             out = self.model(x).reshape(x.shape[0], -1)
-        if coords == "exact":
-            jac = kernel.flat_jacobian(self.model, x, preconditioner=pre, power=0.5, method=self.config.method)
-        else:
-            jac = kernel.sketched_jacobian(self.model, x, int(coords), seed=self.config.seed, preconditioner=pre,
-                                           method=self.config.method)
-        gaps = self.perstep.gaps(jac, out, y, self.loss)
+        # u_i = J_i δ_i by forward mode: one tangent per sample, no (m, k, D) Jacobian.
+        u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre)
+        gaps = self.perstep.loss_gaps(u, out, y, self.loss)
         if not torch.isfinite(gaps).all():
             raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
         probe_losses = self.loss(out, y).detach()
         r, lam = residual_and_hessian(self.loss, out, y)
-        grads = torch.einsum("ikd,ik->id", jac, r.to(jac.dtype))
+        grads = kernel.vjp_rows(self.model, x, r.unsqueeze(1), s=sketch, seed=seed, preconditioner=pre,
+                                method=method)[:, 0]
         eps = perturbation_factor(grads, None, self.n_train)
         self._elapsed_total += self._elapsed
         self._elapsed = 0.0
@@ -512,7 +511,9 @@ class GramMonitor:
             "injection_simulated": float(self._stepper.simulate),
         })
         if self.effective is not None:
-            sub = jac[: self._m_k]
+            xs = x[: self._m_k]
+            sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method) if sketch is None
+                   else kernel.sketched_jacobian(self.model, xs, sketch, seed=seed, preconditioner=pre, method=method))
             theta = torch.einsum("iap,jbp->iajb", sub, sub)
             dt = t - getattr(self, "_k_time", t)
             self._k_time = t

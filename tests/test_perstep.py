@@ -16,6 +16,7 @@ from gramhook.capture import ProbeMatcher, StepCapture
 from gramhook.dynamics.perstep import PerStepEngine, StepRule
 from gramhook.losses import resolve_loss
 from gramhook.optim import whitening
+from models import MODELS, make
 
 F64 = torch.float64
 
@@ -252,3 +253,19 @@ def test_simulated_injection_when_probe_rows_never_appear():
     rec = mon.measure()
     assert mon._stepper.mode == "simulated" and rec["injection_simulated"] == 1.0
     assert rec["probe_gap"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("sketch", [None, 256])
+def test_forward_mode_readout_equals_the_jacobian_contraction(name, sketch):
+    """The readout's ``J_i P^{1/2} (S) y_i`` by forward mode against the (m, k, D) Jacobians."""
+    model, x_fn = make(name)
+    x = x_fn(5, torch.Generator().manual_seed(1))
+    pre = {n: torch.rand_like(p) + 0.1 for n, p in model.named_parameters()}
+    dim = sum(p.numel() for p in model.parameters()) if sketch is None else sketch
+    v = torch.randn(x.shape[0], dim, dtype=F64, generator=torch.Generator().manual_seed(0))
+    jac = (kernel.flat_jacobian(model, x, preconditioner=pre, power=0.5) if sketch is None
+           else kernel.sketched_jacobian(model, x, sketch, preconditioner=pre))
+    want = torch.einsum("ikd,id->ik", jac, v)
+    got = kernel.tangent_outputs(model, x, v, s=sketch, preconditioner=pre)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

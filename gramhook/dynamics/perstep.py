@@ -318,7 +318,11 @@ class PerStepEngine:
 
     def gaps(self, jac: Tensor, outputs: Tensor, targets: Tensor, loss: LossFn) -> Tensor:
         """``g_i = ℓ(f_i + u_i, y_i) − ℓ(f_i, y_i)`` ``(m,)``, the exact loss difference."""
-        u = self.own_outputs(jac)
+        return self.loss_gaps(self.own_outputs(jac), outputs, targets, loss)
+
+    @staticmethod
+    def loss_gaps(u: Tensor, outputs: Tensor, targets: Tensor, loss: LossFn) -> Tensor:
+        """``g_i = ℓ(f_i + u_i, y_i) − ℓ(f_i, y_i)`` ``(m,)`` from the own-output perturbations ``u``."""
         f = outputs.to(u.dtype)
         return (loss(f + u, targets) - loss(f, targets)).detach()
 

@@ -54,6 +54,7 @@ __all__ = [
     "trainable_parameters",
     "vjp_rows",
     "flat_vector",
+    "tangent_outputs",
 ]
 
 
@@ -281,3 +282,34 @@ def flat_vector(tensors, *, s=None, seed=0, preconditioner=None):
             t = t * preconditioner[name].reshape(-1).to(t.dtype).sqrt()
         parts.append(t)
     return torch.cat(parts)
+
+
+def tangent_outputs(model, x, vectors, *, s=None, seed=0, preconditioner=None, memory_budget=DEFAULT_MEMORY_BUDGET):
+    """``J_i P^{1/2} v_i`` for one vector per sample in engine coordinates, ``(m, k)``.
+
+    ``vectors`` ``(m, D)``: flat over the trainable parameters (``s=None``) or in the count-sketch
+    of :func:`sketched_jacobian` (``D = s``; the tangent is then ``S v_i``). Equal to
+    ``einsum("ikd,id->ik", J, vectors)`` with ``J`` from :func:`flat_jacobian` (power ½) or
+    :func:`sketched_jacobian` (same ``seed``), at the cost of forward-mode passes over the samples
+    instead of ``k`` backward passes.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(3, 2)
+    >>> tangent_outputs(net, torch.randn(4, 3), torch.randn(4, 8)).shape
+    torch.Size([4, 2])
+    """
+    params = trainable_parameters(model)
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    sizes = [p.numel() for p in params.values()]
+
+    def tangent(lo, hi):
+        v = vectors[lo:hi].to(next(iter(params.values())).dtype)
+        if s is not None:
+            parts = _fast.unsketch(v, shapes, int(s), seed=seed)
+        else:
+            parts = {n: t.reshape(hi - lo, *shapes[n]) for n, t in zip(shapes, torch.split(v, sizes, dim=1))}
+        if preconditioner is not None:
+            parts = {n: t * preconditioner[n].to(t.dtype).sqrt() if n in preconditioner else t for n, t in parts.items()}
+        return parts
+
+    return _reference.per_sample_jvp(model, x, tangent, memory_budget=memory_budget)

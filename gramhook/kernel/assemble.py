@@ -443,18 +443,9 @@ def _folded_biases(f: Factors) -> Dict[str, str]:
 
 
 def _reference_jacobians(model: nn.Module, xs: Tensor, names: Sequence[str], memory_budget: int) -> Dict[str, Tensor]:
-    """:func:`reference.per_sample_jacobians` of ``names``, with attention in its composite form.
-
-    The fused CPU/GPU attention kernels have no vmap batching rule, so under vmap they run one
-    sample and one output at a time; the "math" form is made of batchable ops (same values up to
-    rounding).
-    """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        ctx = sdpa_kernel([SDPBackend.MATH])
-    except ImportError:  # pragma: no cover - older torch
-        ctx = contextlib.nullcontext()
+    """:func:`reference.per_sample_jacobians` of ``names``, with attention in its composite form
+    (:func:`reference.composite_attention`)."""
+    ctx = _ref.composite_attention()
     # Outside autocast: torch.func's batched backward can mix half and float grads under CUDA
     # fp16 autocast; the few fallback parameters are computed in their own dtype instead.
     with ctx, _no_autocast(xs.device):
@@ -1222,4 +1213,16 @@ def sketch_vectors(tensors: Mapping[str, Tensor], s: int, *, seed: int = 0,
         part = _count_sketch_dense(g, _hashes(name, tuple(t.shape), s, seed, t.device), s,
                                    _sqrt_p(preconditioner, name, g))[0, 0]
         out = part if out is None else out.add_(part)
+    return out
+
+
+def unsketch(y: Tensor, shapes: Mapping[str, Tuple[int, ...]], s: int, *, seed: int = 0) -> Dict[str, Tensor]:
+    """``S y``: the transpose of the count-sketch of :func:`sketched_jacobian` (same ``seed``),
+    ``y`` ``(c, s)`` → ``{name: (c, *shape)}``; ``⟨S y, v⟩ = ⟨y, Sᵀ v⟩`` for every ``v``."""
+    out = {}
+    for name, shape in shapes.items():
+        h_row, s_row, h_col, s_col = _hashes(name, tuple(shape), s, seed, y.device)
+        idx = ((h_row[:, None] + h_col[None, :]) % s).reshape(-1)
+        sign = (s_row[:, None] * s_col[None, :]).reshape(-1).to(y.dtype)
+        out[name] = (y[:, idx] * sign).reshape(y.shape[0], *shape)
     return out

@@ -253,3 +253,61 @@ def sketched_jacobian(
         term = j @ block
         out = term if out is None else out + term
     return out
+
+
+@contextlib.contextmanager
+def composite_attention() -> Iterator[None]:
+    """Attention in its composite ("math") form, encoder layers off their fused fast path.
+
+    The fused CPU/GPU attention kernels have no vmap batching rule (under vmap they run one
+    sample and one output at a time) and no forward-mode AD; the composite form is made of
+    batchable, differentiable ops and computes the same values up to rounding.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sdpa = sdpa_kernel([SDPBackend.MATH])
+    except ImportError:  # pragma: no cover - older torch
+        sdpa = contextlib.nullcontext()
+    mha = getattr(torch.backends, "mha", None)
+    toggle = mha is not None and hasattr(mha, "get_fastpath_enabled")
+    was = mha.get_fastpath_enabled() if toggle else None
+    if toggle:
+        mha.set_fastpath_enabled(False)
+    try:
+        with sdpa:
+            yield
+    finally:
+        if toggle:
+            mha.set_fastpath_enabled(was)
+
+
+def per_sample_jvp(
+    model: nn.Module,
+    x: Tensor,
+    tangent,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Tensor:
+    """``J_i t_i`` for one parameter tangent per sample, ``(m, k)`` (forward mode, eval mode).
+
+    Args:
+        tangent: a callable ``(lo, hi) -> {name: (hi − lo, *shape)}`` giving the tangents of
+            samples ``lo:hi`` (built chunk by chunk, so that ``m × P`` floats never coexist).
+    """
+    with eval_mode(model), composite_attention():
+        first = tangent(0, 1)
+        params = {n: p.detach() for n, p in model.named_parameters() if n in first}
+        frozen = _frozen_state(model, params)
+        f = _single_output_fn(model, frozen)
+        numel = sum(p.numel() for p in params.values())
+        chunk = _chunk_size(1, numel, next(iter(params.values())).element_size(), memory_budget)
+
+        def one(t, xi):
+            return torch.func.jvp(lambda p: f(p, xi), (params,), (t,))[1]
+
+        outs = []
+        for lo in range(0, x.shape[0], chunk):
+            hi = min(lo + chunk, x.shape[0])
+            outs.append(vmap(one)(tangent(lo, hi), x[lo:hi]))
+        return torch.cat(outs)
