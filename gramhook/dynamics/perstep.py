@@ -24,8 +24,8 @@ lazily: ``δ = σ·Y − β·V + Σ_u (−b_u) C_u Z_u`` and ``ν = α·V + Σ_u
 ``Y`` ``(m, D)``, the momentum base ``V`` ``(m, D)``, and a buffer of recent steps' rows ``Z_u``
 ``(R_u, D)`` with their per-sample coefficients ``C_u`` ``(m, R_u)``; the scalars say how much of
 each part is still in the momentum buffer (``α``, ``a_u``) and how far it has moved the weights
-(``β``, ``b_u``). A step reads ``Y`` and ``V`` once each (``Y @ Zᵀ``); every ``window`` steps the
-buffer is folded into ``Y`` and ``V``, exactly.
+(``β``, ``b_u``). A step reads ``Y`` and ``V`` once each (``Y @ Zᵀ``); once the buffer holds ``2m``
+rows (or ``window`` steps) it is folded into ``Y`` and ``V``, exactly.
 """
 from __future__ import annotations
 
@@ -151,7 +151,8 @@ class PerStepEngine:
     Args:
         m: probe samples.
         dim: D, the coordinates (parameters, or the sketch size).
-        window: steps kept in the buffer before folding (``None``: never fold; exact).
+        window: fold the buffer at least every this many steps (``None``: only when it holds
+            ``2m`` rows). Folding is exact; it only trades memory and per-step reads for GEMMs.
         dtype, device: of the state.
 
     Example:
@@ -176,21 +177,13 @@ class PerStepEngine:
         self.buffer = _Buffer(m, dim, max(2 * m, 64), dtype, device)  # rows Z_u and coefficients C_u
         self.a = torch.zeros(0, dtype=torch.float64)                  # buffer weights (U,)
         self.b = torch.zeros(0, dtype=torch.float64)                  # displacements (U,)
-        self._gram: Optional[Tensor] = None                           # rows_all @ rows_allᵀ cache
         self.steps = 0
         self.injections = 0
 
     # -- the step -------------------------------------------------------------------------------
-    def _all_rows(self) -> Optional[Tensor]:
-        return self.buffer.rows_view()
-
-    def _buffer_coef(self, weights: Tensor) -> Optional[Tensor]:
-        """``(m, R_all)``: each buffered step's coefficients times its scalar in ``weights`` ``(U,)``."""
-        return self.buffer.coef_view(weights)
-
     def _weighted_coef(self) -> Optional[Tensor]:
-        """Each buffered row's coefficient in δ now (``−b_u`` times its δg share)."""
-        return self._buffer_coef(-self.b)
+        """``(m, U_rows)``: each buffered row's coefficient in δ now (``−b_u`` times its δg share)."""
+        return self.buffer.coef_view(-self.b)
 
     def project(self, vectors: Tensor) -> Tensor:
         """``⟨δ_i, v_r⟩`` for every probe sample and vector, ``(m, R)``, from ``vectors`` ``(R, D)``."""
@@ -198,7 +191,7 @@ class PerStepEngine:
         out = (self.base @ vectors.T) * self.sigma
         if self.beta != 0.0:
             out = out - (self.velocity @ vectors.T) * self.beta
-        rows, coef = self._all_rows(), self._weighted_coef()
+        rows, coef = self.buffer.rows_view(), self._weighted_coef()
         if rows is not None:
             out = out + coef @ (rows @ vectors.T)
         return out
@@ -275,7 +268,7 @@ class PerStepEngine:
     def _momentum(self) -> Tensor:
         """The current ν_i, ``(m, D)``."""
         out = self.velocity * self.alpha
-        return out if not self.buffer.steps else out + self._buffer_coef(self.a) @ self._all_rows()
+        return out if not self.buffer.steps else out + self.buffer.coef_view(self.a) @ self.buffer.rows_view()
 
     @staticmethod
     def _saturation(z: Tensor, lr: float) -> Tensor:
@@ -302,7 +295,7 @@ class PerStepEngine:
         out = self.base * self.sigma
         if self.beta != 0.0:
             out = out - self.velocity * self.beta
-        rows, coef = self._all_rows(), self._weighted_coef()
+        rows, coef = self.buffer.rows_view(), self._weighted_coef()
         return out if rows is None else out + coef @ rows
 
     def own_outputs(self, jac: Tensor) -> Tensor:
@@ -311,7 +304,7 @@ class PerStepEngine:
         out = torch.einsum("ikd,id->ik", jac, self.base) * self.sigma
         if self.beta != 0.0:
             out = out - torch.einsum("ikd,id->ik", jac, self.velocity) * self.beta
-        rows, coef = self._all_rows(), self._weighted_coef()
+        rows, coef = self.buffer.rows_view(), self._weighted_coef()
         if rows is not None:
             out = out + torch.einsum("ikr,ir->ik", torch.einsum("ikd,rd->ikr", jac, rows), coef)
         return out
