@@ -506,7 +506,7 @@ class GramMonitor:
             "predicted_gap_se": gap_se, "predicted_test_loss": train_loss + gap,
             "probe_train_loss": float(probe_losses.double().mean()), "probe_gap": mean,
             "gap_slope": slope, "gap_effective_samples": effective_samples(gaps),
-            "contraction": contraction, "perturbation": eps, "sketch_extrapolation": 1.0,
+            "contraction": contraction, "perturbation": eps,
             "injected": float(self.perstep.injections),
             "injection_simulated": float(self._stepper.simulate),
         })

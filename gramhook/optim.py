@@ -203,7 +203,9 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
     pre: Dict[str, Tensor] = {}
     identity = kind == "SGD"
     for group in groups:
-        scale = float(group["lr"]) / lr0 if lr0 > 0 else 0.0
+        # Ratios to the reference group; when every group is at lr = 0 (the end of a cosine
+        # schedule) nothing moves, and P keeps its shape rather than vanishing.
+        scale = float(group["lr"]) / lr0 if lr0 > 0 else 1.0
         identity = identity and scale == 1.0
         for p in group["params"]:
             name = by_id.get(id(p))

@@ -474,3 +474,16 @@ def test_group_frozen_by_zero_lr_listed_first_does_not_set_the_time_step():
     assert rule.lr == pytest.approx(0.1)
     assert float(pre["0.weight"].abs().max()) == 0.0 and float(pre["2.bias"].min()) == 1.0
     assert whitening(opt, model)["2.weight"].eq(1.0).all()
+
+
+def test_whitening_keeps_its_shape_when_every_group_reaches_lr_zero():
+    """The end of a cosine schedule: lr = 0 everywhere must not zero the readout's P."""
+    from gramhook.optim import whitening
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    pre = whitening(opt, model)
+    assert pre is None or all(bool(v.eq(1.0).all()) for v in pre.values())
+    adam = torch.optim.AdamW(model.parameters(), lr=0.0)
+    pre = whitening(adam, model)
+    assert all(bool((v > 0).all()) for v in pre.values())
