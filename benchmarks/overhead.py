@@ -93,7 +93,7 @@ def run(case: str, device: str, args) -> dict:
     later = [r for r in monitor.history if r["step"] > 0]
     per = statistics.median(r["monitor_seconds"] for r in monitor.history)
     train_step = plain / len(batches)
-    engine_step = monitor._step_seconds / max(monitor.step, 1)
+    engine_step = monitor.step_seconds / max(monitor.step, 1)
     return {
         "case": case, "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} thr)",
         "params": sum(p.numel() for p in model.parameters()), "steps": len(batches), "probe": monitor.probe.x.shape[0],

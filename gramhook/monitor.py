@@ -651,6 +651,16 @@ class GramMonitor:
         return self.history[-1][key] if self.history else math.nan
 
     @property
+    def seconds(self) -> float:
+        """Monitor time so far: readouts and, with the per-step engine, its work at every step."""
+        return self._monitor_seconds
+
+    @property
+    def step_seconds(self) -> float:
+        """The per-step engine's share of :attr:`seconds` (0 with the periodic engine)."""
+        return self._step_seconds
+
+    @property
     def train_loss(self) -> float:
         """Train loss (eval mode) at the last measurement: on the train sample, else the probe."""
         return self._latest("train_loss")
