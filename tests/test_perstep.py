@@ -4,6 +4,7 @@ Slow truths: every LOO copy here is really retrained, with the same batches and 
 from its batches (batch mean over the B − 1 others, as ``F.mse_loss``/``F.cross_entropy`` do).
 """
 import copy
+import math
 import warnings
 
 import pytest
@@ -182,6 +183,21 @@ def test_readout_cadence_does_not_change_the_prediction():
     for pa, pb in hits:
         assert pa == pytest.approx(pb, rel=1e-6, abs=1e-9)
     assert a.history[-1]["probe_gap"] > 0
+
+
+def test_diagnostics_every_kth_readout_leave_the_prediction_alone():
+    """Readouts in between only read the prediction out; the diagnostics come every k-th one."""
+    _, every = _mlp_run(every=4, diagnostics_every=1)
+    _, sparse = _mlp_run(every=4, diagnostics_every=3)
+    assert [h["step"] for h in every.history] == [h["step"] for h in sparse.history]
+    for a, b in zip(every.history, sparse.history):
+        assert a["predicted_test_loss"] == pytest.approx(b["predicted_test_loss"], rel=1e-9)
+    has = [math.isfinite(h["perturbation"]) for h in sparse.history]
+    assert has == [i % 3 == 0 for i in range(len(has))]
+    assert all(math.isfinite(h["perturbation"]) for h in every.history)
+    assert sum(math.isfinite(h["contraction"]) for h in sparse.history) == sum(has) - 1
+    with pytest.raises(ValueError, match="diagnostics_every"):
+        _mlp_run(every=4, steps=0, diagnostics_every=0)
 
 
 def test_training_is_bitwise_unchanged_by_the_monitor():
