@@ -219,7 +219,12 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
                 pre[name] = torch.full_like(p, scale)
                 continue
             vhat = v / (1.0 - float(group["betas"][1]) ** t)
-            pre[name] = scale / (vhat.sqrt() + float(group["eps"]))
+            eps = float(group["eps"])
+            rms = vhat.sqrt()
+            # Adam's response 1/(√v̂ + ε) to a perturbed gradient is linear only for perturbations
+            # small against √v̂ + ε. Coordinates whose gradient has stayed below ε (a bias before a
+            # BatchNorm, a dead unit) are not moved by the loss; first-order leave-one-out leaves them.
+            pre[name] = torch.where(rms > eps, scale / (rms + eps), torch.zeros_like(rms))
     return None if identity else pre
 
 
