@@ -491,8 +491,16 @@ class GramMonitor:
         x, y = self.probe.x, self.probe.y
         sketch = None if self.coordinates == "exact" else int(self.coordinates)
         seed, method = self.config.seed, self.config.method
-        with torch.no_grad(), kernel.eval_mode(self.model):
-            out = self.model(x).reshape(x.shape[0], -1)
+        sample_losses = None
+        if self.train_sample is None:
+            with torch.no_grad(), kernel.eval_mode(self.model):
+                out = self.model(x).reshape(x.shape[0], -1)
+        else:  # the probe is part of the train sample: one forward pass serves both
+            sample_out = self._train_sample_outputs()
+            sample_losses = self.loss(sample_out, self.train_sample.y).detach()
+            if not torch.isfinite(sample_losses).all():
+                raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
+            out = sample_out[self._probe_rows.to(sample_out.device)]
         # u_i = J_i δ_i by forward mode: one tangent per sample, no (m, k, D) Jacobian.
         u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre)
         gaps = self.perstep.loss_gaps(u, out, y, self.loss)
@@ -504,9 +512,6 @@ class GramMonitor:
         t = self._elapsed_total
         mean = float(gaps.double().mean())
         self._last_gaps = gaps.detach().cpu()
-        sample_losses = None if self.train_sample is None else self._train_sample_losses()
-        if sample_losses is not None and not torch.isfinite(sample_losses).all():
-            raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
         train_loss, gap, gap_se, slope, hist_slope = regression_estimate(probe_losses, gaps, sample_losses, None, None)
         record = {key: math.nan for key in HISTORY_KEYS}
         record.update({
@@ -634,10 +639,15 @@ class GramMonitor:
         return self._loss_int[self._probe_rows.to(self._loss_int.device)], self._loss_int
 
     def _train_sample_losses(self) -> Tensor:
-        sample, out = self.train_sample, []
+        return self.loss(self._train_sample_outputs(), self.train_sample.y).detach()
+
+    def _train_sample_outputs(self) -> Tensor:
+        """Flattened eval-mode outputs on the train sample, ``(N, k)``, in chunks of 512."""
+        x, out = self.train_sample.x, []
         with torch.no_grad(), kernel.eval_mode(self.model):
-            for lo in range(0, sample.x.shape[0], 512):
-                out.append(self.loss(self.model(sample.x[lo:lo + 512]), sample.y[lo:lo + 512]).detach())
+            for lo in range(0, x.shape[0], 512):
+                chunk = self.model(x[lo:lo + 512])
+                out.append(chunk.reshape(chunk.shape[0], -1))
         return torch.cat(out)
 
     def _sub_probe_ntk(self, rates) -> Tensor:

@@ -166,6 +166,20 @@ def _trained_groups(optimizer: torch.optim.Optimizer, model: nn.Module):
     return by_id, groups, ref
 
 
+def _adam_m(optimizer, group, p: Tensor, ahead: bool) -> Optional[Tensor]:
+    """Adam's first moment; ``ahead``: as the coming step will leave it."""
+    state = optimizer.state.get(p, {})
+    m = state.get("exp_avg")
+    beta1 = float(group["betas"][0])
+    if ahead:
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        wd = float(group.get("weight_decay", 0.0))
+        if wd and not (type(optimizer).__name__ == "AdamW" or group.get("decoupled_weight_decay", False)):
+            g = g + wd * p.detach()
+        m = g * (1 - beta1) if m is None else m.detach() * beta1 + (1 - beta1) * g
+    return None if m is None else m.detach()
+
+
 def _adam_v(optimizer, group, p: Tensor, ahead: bool) -> tuple:
     """Adam's second moment and its step count; ``ahead``: as the coming step will leave them."""
     state = optimizer.state.get(p, {})
@@ -225,6 +239,13 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
             # small against √v̂ + ε. Coordinates whose gradient has stayed below ε (a bias before a
             # BatchNorm, a dead unit) are not moved by the loss; first-order leave-one-out leaves them.
             pre[name] = torch.where(rms > eps, scale / (rms + eps), torch.zeros_like(rms))
+            m = _adam_m(optimizer, group, p, ahead)
+            if m is not None:
+                # A perturbation δg also moves v (δv = 2g·δg): to first order, for perturbations
+                # slower than v's average and g's mean read as m̂, Adam's response shrinks by
+                # 1 − m̂²/(√v̂(√v̂ + ε)) (THEORY §9, Adam): coherent coordinates respond less.
+                mhat = m / (1.0 - float(group["betas"][0]) ** t)
+                pre[name] = pre[name] * (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=1e-300)).clamp(0.0, 1.0)
     return None if identity else pre
 
 
