@@ -351,6 +351,7 @@ class GramMonitor:
         self._handles = [optimizer.register_step_post_hook(self._on_step)]
         if self._stepper is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.extend(self._stepper.statistics.handles)
         if self._stepper is not None or self.reference is None:
             self._handles.append(model.register_forward_pre_hook(self._capture))
         self.measure()

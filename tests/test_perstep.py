@@ -259,6 +259,58 @@ def test_training_is_bitwise_unchanged_by_the_monitor():
     assert mon.perstep.steps == 40 and mon._stepper.recognised > 0
 
 
+def test_batchnorm_rows_use_the_trained_batch_statistics():
+    """Inside the step, BatchNorm normalises with the statistics of the batch just trained (pooled
+    over the step's forwards); the running buffers come back bitwise, and eval forwards are not
+    recorded."""
+    from gramhook.capture import BatchStatistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    stats = BatchStatistics(model)
+    bn = model[1]
+    a, b = torch.randn(8, 4), torch.randn(4, 4) + 3.0
+    with torch.no_grad():
+        model.eval()
+        model(torch.randn(5, 4))                   # an eval forward: not a training batch
+        model.train()
+        model(a)
+        model(b)                                   # gradient accumulation: two forwards, one step
+        h = model[0](torch.cat([a, b]))
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    with stats.applied():
+        torch.testing.assert_close(bn.running_mean, h.mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, h.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert stats.records == {}
+    for handle in stats.handles:
+        handle.remove()
+
+
+def test_batchnorm_training_is_bitwise_unchanged_by_the_monitor():
+    def run(monitor):
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=5, probe_size=16) if monitor else None
+        for step in range(20):
+            idx = torch.randperm(64, generator=g)[:16]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        return model, mon
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain, _ = run(False)
+        watched, mon = run(True)
+    for (n, p), (_, q) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert all(math.isfinite(h["predicted_test_loss"]) for h in mon.history)
+
+
 def test_state_dict_resume_equals_uninterrupted_run():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 5, generator=g)
