@@ -245,7 +245,9 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
                 # slower than v's average and g's mean read as m̂, Adam's response shrinks by
                 # 1 − m̂²/(√v̂(√v̂ + ε)) (THEORY §9, Adam): coherent coordinates respond less.
                 mhat = m / (1.0 - float(group["betas"][0]) ** t)
-                pre[name] = pre[name] * (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=1e-300)).clamp(0.0, 1.0)
+                live = rms > eps
+                denom = torch.where(live, rms * (rms + eps), torch.ones_like(rms))
+                pre[name] = torch.where(live, pre[name] * (1.0 - mhat * mhat / denom).clamp(0.0, 1.0), pre[name])
     return None if identity else pre
 
 
