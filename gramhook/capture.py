@@ -98,12 +98,13 @@ class BatchStatistics:
     def _add(self, module, x: Tensor) -> None:
         with torch.no_grad():
             x = x.detach()
+            if not x.is_floating_point():
+                return
             dims = [0] + list(range(2, x.dim()))
             count = x.numel() // x.shape[1]
-            mean = x.mean(dims, dtype=torch.float64) if x.is_floating_point() else None
-            if mean is None:
-                return
-            second = (x.double() ** 2).mean(dims)
+            var, mean = torch.var_mean(x, dims, correction=0)
+            mean = mean.double()
+            second = var.double() + mean * mean
         self.records.setdefault(id(module), []).append((count, mean, second))
 
     def clear(self) -> None:
