@@ -141,6 +141,8 @@ class StepCapture:
         x_rows = x[sub]
         with torch.no_grad(), kernel.eval_mode(self.model):
             f = self.model(torch.cat([x_rows, x_inj])).reshape(x_rows.shape[0] + x_inj.shape[0], -1)
+        if not bool(torch.isfinite(f).all()):
+            raise FloatingPointError("the model's outputs on the training batch are not finite (NaN/inf)")
         f_rows, f_inj = f[: x_rows.shape[0]], f[x_rows.shape[0]:]
         lam = output_hessian(self.loss, f_rows, None, target_like=self.probe_y[0])
         cot = sampled_half_hessian(lam, 1, self.gen)                        # (R, 1, k)
@@ -161,6 +163,9 @@ class StepCapture:
                      for n, p in self.model.named_parameters() if p.requires_grad}
             mean = kernel.flat_vector(grads, s=self.sketch, seed=self.seed, preconditioner=pre).to(vec.dtype)
             inj = (mean.unsqueeze(0) - vec[R:]) / (B - 1)
+        # Nothing non-finite may enter the engine's state: it would stay there after the cause is gone.
+        if not bool(torch.isfinite(vec).all()) or (inj is not None and not bool(torch.isfinite(inj).all())):
+            raise FloatingPointError("the gradients of this training step are not finite (NaN/inf)")
         self.engine.step(rule, rows, owner[sub], ids if inject else None, inj, batch=B, saturate=R < B)
 
     def state_dict(self) -> dict:

@@ -194,7 +194,22 @@ def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool
     from the current ``v`` and gradient; otherwise from the state as it is.
     """
     check_optimizer(optimizer)
-    return _whitening(optimizer, *_trained_groups(optimizer, model), ahead)
+    return _held_fixed(_whitening(optimizer, *_trained_groups(optimizer, model), ahead), optimizer, model)
+
+
+def _held_fixed(pre: Optional[Dict[str, Tensor]], optimizer: torch.optim.Optimizer, model: nn.Module):
+    """``pre`` with P = 0 on the trainable parameters the optimizer does not hold: they do not
+    move, and the coordinates keep every ``requires_grad`` parameter (so a later
+    ``add_param_group`` only changes P)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    outside = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in held}
+    if not outside:
+        return pre
+    if pre is None:
+        pre = {n: torch.ones_like(p) for n, p in model.named_parameters() if p.requires_grad and id(p) in held}
+    pre = dict(pre)
+    pre.update({n: torch.zeros_like(p) for n, p in outside.items()})
+    return pre
 
 
 def _whitening(optimizer, by_id, groups, ref, ahead: bool):
@@ -232,7 +247,8 @@ def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module):
     by_id, groups, ref = _trained_groups(optimizer, model)
     lr = float(ref["lr"])
     wd = float(ref.get("weight_decay", 0.0))
-    pre = _whitening(optimizer, by_id, groups, ref, ahead=True)
+    trained = _whitening(optimizer, by_id, groups, ref, ahead=True)
+    pre = _held_fixed(trained, optimizer, model)
     if kind == "SGD":
         mu = float(ref.get("momentum", 0.0))
         first = mu > 0 and not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in ref["params"])
@@ -247,8 +263,8 @@ def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module):
     decoupled = kind == "AdamW" or bool(ref.get("decoupled_weight_decay", False))
     if decoupled:
         shrink = 1.0 - lr * wd
-    elif wd and pre is not None:
-        mean_p = float(torch.cat([pre[n].reshape(-1) for n in pre]).mean())
+    elif wd and trained is not None:
+        mean_p = float(torch.cat([trained[n].reshape(-1) for n in trained]).mean())
         shrink = 1.0 - lr * wd * mean_p
     else:
         shrink = 1.0
