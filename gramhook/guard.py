@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import logging
 import warnings
-from typing import Dict, Iterator, Mapping, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -21,13 +21,29 @@ __all__ = ["quiet", "emit", "Failures", "nonfinite_cause", "digest"]
 logger = logging.getLogger("gramhook")
 
 
+_depth = 0                      # nesting of quiet()
+_held: List[Tuple[str, type]] = []  # reports made inside quiet(), emitted when it ends
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Warnings raised by the monitor's own work (torch's one-time deprecation notices, vmap
-    fallback notices) are dropped here, so ``-W error`` cannot turn them into exceptions."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    fallback notices) are dropped here, so ``-W error`` cannot turn them into exceptions. The
+    monitor's own reports (:func:`emit`) are held and emitted once the outermost block ends,
+    under the user's warning filters."""
+    global _depth
+    _depth += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _depth -= 1
+        if _depth == 0 and _held:
+            held = list(_held)
+            _held.clear()
+            for message, category in held:
+                _emit_now(message, category)
 
 
 def _preload() -> None:
@@ -45,7 +61,14 @@ _preload()
 
 def emit(message: str, category: type = RuntimeWarning) -> None:
     """Report ``message`` as a warning; where warnings are errors (``-W error``), as a log record
-    of the ``gramhook`` logger instead. Never raises."""
+    of the ``gramhook`` logger instead. Never raises. Inside :func:`quiet`, held until it ends."""
+    if _depth > 0:
+        _held.append((message, category))
+        return
+    _emit_now(message, category)
+
+
+def _emit_now(message: str, category: type) -> None:
     try:
         warnings.warn(message, category, stacklevel=3)
     except Exception:

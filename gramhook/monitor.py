@@ -409,6 +409,10 @@ class GramMonitor:
         """Trainable parameters outside the optimizer are held fixed (P = 0); say so once."""
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if not any(id(p) in held for p in model.parameters()):
+            raise ValueError(
+                "The optimizer trains none of the model's parameters: pass the optimizer built from "
+                "this model's parameters (torch.optim.SGD(model.parameters(), ...)).")
         if outside:
             shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
             guard.emit(
@@ -594,8 +598,9 @@ class GramMonitor:
     def _measure(self) -> Dict[str, float]:
         try:
             if self.perstep is not None:
-                if self._failures.paused("step"):
-                    raise RuntimeError("the per-step engine is paused (see the step failure reported before)")
+                if self._failures.failing("step"):
+                    raise RuntimeError("the per-step engine could not follow the latest training steps "
+                                       "(see the step failure reported before)")
                 record = self._readout()
             else:
                 record = self._measure_periodic()

@@ -83,6 +83,8 @@ def _single_output_fn(model: nn.Module, frozen: Mapping[str, Tensor]):
 # Models whose forward cannot run under vmap over samples (e.g. GRU/LSTM: their hidden-state
 # initialisation writes a (1, ...) tensor in place). They loop over samples instead.
 _looped: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# Models with an op that has no forward-mode AD: their tangent outputs come from reverse mode.
+_reverse_only: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -349,8 +351,22 @@ def per_sample_jvp(
         def one(t, xi):
             return torch.func.jvp(lambda p: f(p, xi), (params,), (t,))[1]
 
+        def by_jacobians(t, xi):  # reverse mode, for ops without forward AD (CPU mkldnn LSTM)
+            jac = jacrev(f)(params, xi)                                   # {name: (k, *shape)}
+            return sum(torch.einsum("kp,p->k", jac[n].flatten(1), t[n].reshape(-1)) for n in params)
+
         outs = []
         for lo in range(0, x.shape[0], chunk):
             hi = min(lo + chunk, x.shape[0])
-            outs.append(_per_sample(model, one, (tangent(lo, hi), x[lo:hi])))
+            t, xs = tangent(lo, hi), x[lo:hi]
+            if not _reverse_only.get(model, False):
+                try:
+                    outs.append(_per_sample(model, one, (t, xs)))
+                    continue
+                except NotImplementedError:
+                    try:
+                        _reverse_only[model] = True
+                    except TypeError:  # pragma: no cover - not weak-referenceable
+                        pass
+            outs.append(_per_sample(model, by_jacobians, (t, xs)))
         return torch.cat(outs)
