@@ -494,7 +494,7 @@ class GramMonitor:
                 if not self._failures.due("step", self.step):
                     self._stepper.pending = []
                     return
-                self._check_step()
+                self._check_step(closure=bool(args) or "closure" in kwargs)
                 self._stepper.step()
             self._succeeded("step")
         except Exception as exc:
@@ -505,7 +505,7 @@ class GramMonitor:
             self._monitor_seconds += spent
             self._step_seconds += spent
 
-    def _check_step(self) -> None:
+    def _check_step(self, closure: bool = False) -> None:
         """Refuse a step the per-step engine cannot follow, naming the cause and the fix."""
         if _trainable_names(self.model) != self._trainable and self.coordinates == "exact":
             raise RuntimeError(
@@ -514,6 +514,10 @@ class GramMonitor:
                 "after changing requires_grad (or freeze layers through the optimizer's lr = 0 instead)")
         if not self._stepper.pending:
             self._stepper.step()  # keeps the momentum bookkeeping; then the step is reported
+            if closure:
+                raise RuntimeError(
+                    "optimizer.step(closure) runs the model inside the step, after the monitor reads "
+                    "the step: compute the loss and gradients before calling optimizer.step()")
             raise RuntimeError(
                 "no training forward of the model was seen before this optimizer step, so the step "
                 "cannot be followed: run the model in train mode (model.train()) through its own "

@@ -413,6 +413,67 @@ def test_torch_internal_warnings_are_silenced_under_W_error():
     assert mon._failures.messages == [] and len(_finite_history(mon)) == 5
 
 
+_W_ERROR_SCRIPT = r"""
+import torch, torch.nn.functional as F
+from torch import nn
+import gramhook.kernel as kernel
+from gramhook import GramMonitor
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
+
+def run(watch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, probe_size=8, every=2) if watch else None
+    real = kernel.tangent_outputs
+    for step in range(12):
+        if step == 4:
+            kernel.tangent_outputs = lambda *a, **k: 1 / 0   # a measurement failing mid-training
+        if step == 8:
+            kernel.tangent_outputs = real
+        opt.zero_grad()
+        F.cross_entropy(model(x[step::4][:16]), y[step::4][:16]).backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()], mon
+
+plain, _ = run(False)
+watched, mon = run(True)
+assert all(torch.equal(p, q) for p, q in zip(plain, watched))
+assert mon.history[0]["step"] == 0 and mon.history[-1]["step"] == 12, [h["step"] for h in mon.history]
+print("ok", len(mon.history))
+"""
+
+
+def test_python_W_error_in_a_fresh_interpreter():
+    """``python -W error``: construction (torch's one-time jit FutureWarning is first hit there)
+    and a measurement failing mid-training never raise into the loop."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-W", "error", "-c", _W_ERROR_SCRIPT], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")
+    assert "ZeroDivisionError" in done.stderr, "the failure is reported (through logging under -W error)"
+
+
+def test_state_round_trips_through_weights_only_load(tmp_path):
+    x, y = _data()
+    model, opt, _ = _mlp_sgd()
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
+    _train(model, opt, x, y, 4)
+    torch.save(mon.state_dict(), tmp_path / "mon.pt")
+    fresh = GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
+    fresh.load_state_dict(torch.load(tmp_path / "mon.pt", weights_only=True))
+    assert [h["predicted_gap"] for h in fresh.history] == [h["predicted_gap"] for h in mon.history]
+    assert fresh.step == 4 and torch.equal(fresh.perstep.delta(), mon.perstep.delta())
+
+
 def test_distinct_failures_pause_and_recover_and_a_second_episode_is_reported(monkeypatch):
     x, y = _data()
     model, opt, _ = _mlp_sgd()
