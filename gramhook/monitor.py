@@ -23,7 +23,7 @@ from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, 
 from .losses import residual_and_hessian
 from .losses import resolve_loss
 from .measure import compute_rates
-from .optim import check_optimizer, momentum_is_warm, read_optimizer, step_dt
+from .optim import check_optimizer, momentum_is_warm, over_coordinates, read_optimizer, step_dt
 from .dynamics.aggregate import effective_samples, regression_estimate
 from .capture import ProbeMatcher, StepCapture
 from .dynamics.perstep import PerStepEngine
@@ -674,7 +674,7 @@ class GramMonitor:
         return record
 
     def _measure_periodic(self) -> Dict[str, float]:
-        metric = read_optimizer(self.optimizer, self.model)
+        metric = over_coordinates(read_optimizer(self.optimizer, self.model), self.model, self._trainable)
         ref_x, ref_y = self._reference_batch()
         rates = compute_rates(
             self.model, self.loss, self.probe.x, self.probe.y, metric,

@@ -138,6 +138,21 @@ def read_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> StepMe
     )
 
 
+def over_coordinates(metric: StepMetric, model: nn.Module, names: tuple) -> StepMetric:
+    """``metric`` over the coordinates ``names`` (the parameters trainable when the monitor was
+    attached): P = 0 on those the optimizer does not train now (outside it, or frozen since), so
+    their coordinates stay and do not move."""
+    names = tuple(names)
+    if metric.names == names:
+        return metric
+    params = dict(model.named_parameters())
+    trained = set(metric.names)
+    pre = dict(metric.preconditioner) if metric.preconditioner is not None else {
+        n: torch.ones_like(params[n]) for n in names if n in trained}
+    pre.update({n: torch.zeros_like(params[n]) for n in names if n not in trained})
+    return dataclasses.replace(metric, preconditioner=pre, names=names)
+
+
 def step_dt(optimizer: torch.optim.Optimizer, steps_taken: Optional[int] = None) -> float:
     """dt of the step just taken, from the first parameter group (cheap: no state is read).
 

@@ -530,8 +530,8 @@ def test_failing_tensorboard_and_schedule_never_stop_training(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Construction succeeds, then measurements must go on
 
-def test_parameter_outside_the_optimizer_is_held_fixed():
-    x, y = _data()
+@pytest.mark.parametrize("engine", ["perstep", "periodic"])
+def test_parameter_outside_the_optimizer_is_held_fixed(engine):
 
     def build_outside():
         model = _mlp()
@@ -542,10 +542,10 @@ def test_parameter_outside_the_optimizer_is_held_fixed():
         model[0].requires_grad_(False)
         return model, torch.optim.SGD(model[2].parameters(), lr=0.2), {}
 
-    mon, caught = _bitwise(build_outside)
-    assert any("not in the optimizer (0.weight, 0.bias)" in m and "held fixed" not in m for m in caught)
-    frozen, _ = _bitwise(build_frozen)
-    assert mon.predicted_gap > 0
+    mon, caught = _bitwise(build_outside, engine=engine)
+    assert any("not in the optimizer (0.weight, 0.bias)" in m for m in caught)
+    frozen, _ = _bitwise(build_frozen, engine=engine)
+    assert len(_finite_history(mon)) == 5 and mon.predicted_gap > 0
     assert mon.predicted_gap == pytest.approx(frozen.predicted_gap, rel=1e-4)
 
 
@@ -792,6 +792,7 @@ def test_frozen_layer_at_construction():
 
 
 def test_layer_frozen_mid_training_is_refused_clearly_then_recovers():
+    """Per-step engine, exact coordinates: reported and paused until restored."""
     x, y = _data()
     model, opt, _ = _mlp_sgd()
     mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
@@ -804,6 +805,20 @@ def test_layer_frozen_mid_training_is_refused_clearly_then_recovers():
         _train(model, opt, x, y, 30)
     assert any("trainable parameters (requires_grad) changed" in m for m in _messages(caught))
     assert mon.history[-1]["step"] > 10 and math.isfinite(mon.predicted_gap)
+
+
+@pytest.mark.parametrize("engine, coordinates", [("periodic", "exact"), ("periodic", 64), ("perstep", 64)])
+def test_layer_frozen_mid_training_is_held_fixed(engine, coordinates):
+    x, y = _data()
+    model, opt, _ = _mlp_sgd()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, engine=engine, coordinates=coordinates, **QUICK)
+        _train(model, opt, x, y, 4)
+        model[0].requires_grad_(False)
+        _train(model, opt, x, y, 6)
+    assert _messages(caught) == []
+    assert len(_finite_history(mon)) == 5 and mon.predicted_gap > 0
 
 
 @pytest.mark.parametrize("schedule", ["step", "onecycle", "cosine-to-zero"])
