@@ -81,15 +81,17 @@ class StepCapture:
         seed: of the sketch and of the row and direction draws (a private generator).
         method: kernel method.
         matcher: recognises probe rows (default: a new one from the probe and seed).
+        names: the parameters of exact coordinates (default: the ``requires_grad`` ones now).
     """
 
     def __init__(self, model: nn.Module, optimizer, loss: Loss, probe_x: Tensor, probe_y: Tensor, n_train: int,
                  engine: PerStepEngine, *, sketch: Optional[int], rows: Optional[int], seed: int, method: str = "auto",
-                 matcher: Optional[ProbeMatcher] = None):
+                 matcher: Optional[ProbeMatcher] = None, names: Optional[tuple] = None):
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.probe_x, self.probe_y, self.n_train = probe_x, probe_y, n_train
         self.engine, self.sketch, self.rows, self.seed, self.method = engine, sketch, rows, seed, method
         self.matcher = matcher if matcher is not None else ProbeMatcher(probe_x, seed)
+        self.names = None if sketch is not None else names
         self.gen = torch.Generator().manual_seed(seed + 5)
         self.pending: List[Tensor] = []
         self.recognised = 0          # probe samples recognised in training batches so far
@@ -117,7 +119,7 @@ class StepCapture:
     def step(self) -> None:
         """Step pre-hook body: one engine step from the pending batch."""
         x = self._batch()
-        rule, pre = step_rule(self.optimizer, self.model)
+        rule, pre = step_rule(self.optimizer, self.model, self.names)
         if x is None or x.shape[0] == 0:
             self.engine.step(rule, None, None)
             return
@@ -154,13 +156,14 @@ class StepCapture:
         else:
             x_all = x_rows
         vec = kernel.vjp_rows(self.model, x_all, cot, s=self.sketch, seed=self.seed, preconditioner=pre,
-                              method=self.method)[:, 0]                      # (R + q, D)
+                              method=self.method, names=self.names)[:, 0]                      # (R + q, D)
         R = x_rows.shape[0]
         rows = vec[:R] / math.sqrt(R)
         inj = None
         if inject:
-            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                     for n, p in self.model.named_parameters() if p.requires_grad}
+            params = dict(self.model.named_parameters())
+            names = self.names if self.names is not None else [n for n, p in params.items() if p.requires_grad]
+            grads = {n: (params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])) for n in names}
             mean = kernel.flat_vector(grads, s=self.sketch, seed=self.seed, preconditioner=pre).to(vec.dtype)
             inj = (mean.unsqueeze(0) - vec[R:]) / (B - 1)
         # Nothing non-finite may enter the engine's state: it would stay there after the cause is gone.

@@ -370,7 +370,7 @@ class GramMonitor:
             self._stepper = StepCapture(model, optimizer, self.loss, self.probe.x, self.probe.y, self.n_train,
                                         self.perstep, sketch=None if coords == "exact" else int(coords),
                                         rows=self.config.rows, seed=self.config.seed, method=self.config.method,
-                                        matcher=self._probe_filter)
+                                        matcher=self._probe_filter, names=_trainable_names(model))
         self._prev_readout = None  # (time, mean gap) of the previous per-step readout
         self._elapsed_total = 0.0  # flow time of the per-step engine's readouts
         m_k = min(self.config.effective_gram_size, m)
@@ -386,6 +386,7 @@ class GramMonitor:
         self._started = time.perf_counter()
         self._failures = guard.Failures()
         self._trainable = _trainable_names(model)
+        self._told_new = False
         self._last_gaps: Optional[Tensor] = None
         # SGD momentum builds up from an empty buffer: the first steps move less (optim.step_dt).
         self._cold_start = not momentum_is_warm(optimizer)
@@ -507,11 +508,16 @@ class GramMonitor:
 
     def _check_step(self, closure: bool = False) -> None:
         """Refuse a step the per-step engine cannot follow, naming the cause and the fix."""
-        if _trainable_names(self.model) != self._trainable and self.coordinates == "exact":
-            raise RuntimeError(
-                "the set of trainable parameters (requires_grad) changed since the monitor was attached, "
-                "and exact coordinates are fixed at construction; restore it, or attach a new monitor "
-                "after changing requires_grad (or freeze layers through the optimizer's lr = 0 instead)")
+        if self.coordinates == "exact" and not self._told_new:
+            new = [n for n in _trainable_names(self.model) if n not in set(self._trainable)]
+            if new:
+                # Frozen since: P = 0 on them (optim.whitening). Unfrozen since: outside the coordinates.
+                self._told_new = True
+                guard.emit(
+                    f"gramhook: {len(new)} parameter(s) became trainable after the monitor was attached "
+                    f"({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}); exact coordinates were fixed "
+                    "then, so the prediction holds them fixed. Attach the monitor after unfreezing, or use "
+                    "sketched coordinates (coordinates=4096), which follow them.", UserWarning)
         if not self._stepper.pending:
             self._stepper.step()  # keeps the momentum bookkeeping; then the step is reported
             if closure:
@@ -619,21 +625,23 @@ class GramMonitor:
 
     def _readout(self) -> Dict[str, float]:
         """Per-step engine: read the maintained perturbations out at the current weights."""
-        pre = whitening(self.optimizer, self.model)
+        names = self._stepper.names  # exact coordinates: the parameters trainable at attach time
+        pre = whitening(self.optimizer, self.model, names=names)
         x, y = self.probe.x, self.probe.y
         sketch = None if self.coordinates == "exact" else int(self.coordinates)
         seed, method = self.config.seed, self.config.method
         with torch.no_grad(), kernel.eval_mode(self.model):
             out = self.model(x).reshape(x.shape[0], -1)
         # u_i = J_i δ_i by forward mode: one tangent per sample, no (m, k, D) Jacobian.
-        u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre)
+        u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre,
+                                   names=names)
         gaps = self.perstep.loss_gaps(u, out, y, self.loss)
         if not torch.isfinite(gaps).all():
             raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
         probe_losses = self.loss(out, y).detach()
         r, lam = residual_and_hessian(self.loss, out, y)
         grads = kernel.vjp_rows(self.model, x, r.unsqueeze(1), s=sketch, seed=seed, preconditioner=pre,
-                                method=method)[:, 0]
+                                method=method, names=names)[:, 0]
         eps = perturbation_factor(grads, None, self.n_train)
         self._elapsed_total += self._elapsed
         self._elapsed = 0.0
@@ -661,7 +669,8 @@ class GramMonitor:
         })
         if self.effective is not None:
             xs = x[: self._m_k]
-            sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method) if sketch is None
+            sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method, names=names)
+                   if sketch is None
                    else kernel.sketched_jacobian(self.model, xs, sketch, seed=seed, preconditioner=pre, method=method))
             theta = torch.einsum("iap,jbp->iajb", sub, sub)
             dt = t - getattr(self, "_k_time", t)

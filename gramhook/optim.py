@@ -201,29 +201,32 @@ def _adam_v(optimizer, group, p: Tensor, ahead: bool) -> tuple:
     return v, t
 
 
-def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool = False):
+def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool = False, names=None):
     """P per trained parameter, relative to the reference group's learning rate η (the other
     groups' ``lr/η`` folded in), or ``None`` for the identity.
 
     ``ahead=True`` (in a step pre-hook, gradients set): Adam's P as the coming step will use it,
-    from the current ``v`` and gradient; otherwise from the state as it is.
+    from the current ``v`` and gradient; otherwise from the state as it is. ``names``: the
+    coordinates (default: every ``requires_grad`` parameter); P = 0 on those not trained now.
     """
     check_optimizer(optimizer)
-    return _held_fixed(_whitening(optimizer, *_trained_groups(optimizer, model), ahead), optimizer, model)
+    return _held_fixed(_whitening(optimizer, *_trained_groups(optimizer, model), ahead), optimizer, model, names)
 
 
-def _held_fixed(pre: Optional[Dict[str, Tensor]], optimizer: torch.optim.Optimizer, model: nn.Module):
-    """``pre`` with P = 0 on the trainable parameters the optimizer does not hold: they do not
-    move, and the coordinates keep every ``requires_grad`` parameter (so a later
-    ``add_param_group`` only changes P)."""
+def _held_fixed(pre: Optional[Dict[str, Tensor]], optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
+    """``pre`` with P = 0 on the coordinates ``names`` (default: the ``requires_grad``
+    parameters) that the optimizer does not train now (outside it, or frozen since): they do not
+    move, and the coordinates stay (so a later ``add_param_group`` only changes P)."""
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    outside = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in held}
-    if not outside:
+    params = dict(model.named_parameters())
+    coords = [n for n, p in params.items() if p.requires_grad] if names is None else list(names)
+    fixed = [n for n in coords if not (params[n].requires_grad and id(params[n]) in held)]
+    if not fixed:
         return pre
     if pre is None:
-        pre = {n: torch.ones_like(p) for n, p in model.named_parameters() if p.requires_grad and id(p) in held}
+        pre = {n: torch.ones_like(params[n]) for n in coords if n not in fixed}
     pre = dict(pre)
-    pre.update({n: torch.zeros_like(p) for n, p in outside.items()})
+    pre.update({n: torch.zeros_like(params[n]) for n in fixed})
     return pre
 
 
@@ -253,9 +256,9 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
     return None if identity else pre
 
 
-def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module):
+def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
     """The :class:`gramhook.dynamics.perstep.StepRule` of the step about to be taken (call it in
-    the optimizer's step pre-hook) and the P it uses (:func:`whitening` ahead)."""
+    the optimizer's step pre-hook) and the P it uses (:func:`whitening` ahead, over ``names``)."""
     from .dynamics.perstep import StepRule
 
     kind = type(optimizer).__name__
@@ -263,7 +266,7 @@ def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module):
     lr = float(ref["lr"])
     wd = float(ref.get("weight_decay", 0.0))
     trained = _whitening(optimizer, by_id, groups, ref, ahead=True)
-    pre = _held_fixed(trained, optimizer, model)
+    pre = _held_fixed(trained, optimizer, model, names)
     if kind == "SGD":
         mu = float(ref.get("momentum", 0.0))
         first = mu > 0 and not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in ref["params"])
