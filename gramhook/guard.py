@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+import sys
 import warnings
 from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
@@ -68,9 +70,19 @@ def emit(message: str, category: type = RuntimeWarning) -> None:
     _emit_now(message, category)
 
 
+def _outside_level() -> int:
+    """The ``stacklevel`` of the first caller outside gramhook, torch and the standard library
+    (the user's ``optimizer.step()`` line), counted from :func:`_emit_now`'s ``warnings.warn``."""
+    skip = tuple(os.path.dirname(m.__file__) for m in (sys.modules[__package__], torch, contextlib))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
+
+
 def _emit_now(message: str, category: type) -> None:
     try:
-        warnings.warn(message, category, stacklevel=3)
+        warnings.warn(message, category, stacklevel=_outside_level())
     except Exception:
         try:
             logger.warning(message)

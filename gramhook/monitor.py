@@ -294,8 +294,10 @@ class GramMonitor:
         model = _uncompiled(model)
         self.model, self.optimizer = model, optimizer
         self.loss = resolve_loss(loss)
-        if next(model.parameters(), None) is None:
-            raise ValueError("The model has no parameters; gramhook follows the training of its parameters.")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                "The model has no trainable parameters (none, or all with requires_grad=False); gramhook "
+                "follows the training of parameters: attach the monitor to the model you train.")
         self.device = next(model.parameters()).device
         cause = guard.nonfinite_cause(model)
         if cause is not None:
@@ -495,7 +497,8 @@ class GramMonitor:
                 if not self._failures.due("step", self.step):
                     self._stepper.pending = []
                     return
-                self._check_step(closure=bool(args) or "closure" in kwargs)
+                # args holds the optimizer itself, then step's own arguments.
+                self._check_step(closure=len(args) > 1 or kwargs.get("closure") is not None)
                 self._stepper.step()
             self._succeeded("step")
         except Exception as exc:
@@ -518,12 +521,14 @@ class GramMonitor:
                     f"({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}); exact coordinates were fixed "
                     "then, so the prediction holds them fixed. Attach the monitor after unfreezing, or use "
                     "sketched coordinates (coordinates=4096), which follow them.", UserWarning)
+        if closure:
+            self._stepper.pending = []
+            raise RuntimeError(
+                "optimizer.step(closure) runs the model inside the step, after the monitor reads the "
+                "step's batch and gradients: compute the loss and call backward() before "
+                "optimizer.step() (without a closure)")
         if not self._stepper.pending:
             self._stepper.step()  # keeps the momentum bookkeeping; then the step is reported
-            if closure:
-                raise RuntimeError(
-                    "optimizer.step(closure) runs the model inside the step, after the monitor reads "
-                    "the step: compute the loss and gradients before calling optimizer.step()")
             raise RuntimeError(
                 "no training forward of the model was seen before this optimizer step, so the step "
                 "cannot be followed: run the model in train mode (model.train()) through its own "

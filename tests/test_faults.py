@@ -696,6 +696,10 @@ def test_nan_batch_skipped_by_the_loop_is_named_and_recovers():
     ("scalar-x", 64, "scalar"),
     ("bool-labels", 64, r"y.long\(\)"),
     ("list-inputs", 64, r"torch.as_tensor\(x\)"),
+    ("int-inputs", 64, r"dtype torch.int64.*don't fit"),
+    ("mse-target-shape", 64, r"failed on model outputs of shape \(2, 3\).*mse"),
+    ("n_train-missing", None, r"n_train=len\(train_set\)"),
+    ("n_train-float", 64.0, "n_train must be an int"),
     ("nan-inputs", 64, r"NaN/inf values \(samples \[2\]\)"),
     ("inf-inputs", 64, r"NaN/inf values \(samples \[0, 4\]\)"),
 ])
@@ -713,12 +717,91 @@ def test_bad_probes_are_refused(probe, n_train, match):
         "scalar-x": (torch.tensor(1.0), y[:1]),
         "bool-labels": (x[:10], y[:10] > 0),
         "list-inputs": (x[:10].tolist(), y[:10]),
+        "int-inputs": (torch.randint(0, 3, (10, D)), y[:10]),
+        "mse-target-shape": (x[:10], torch.randn(10, 2)),
+        "n_train-missing": (x[:10], y[:10]),
+        "n_train-float": (x[:10], y[:10]),
         "nan-inputs": (x[:10].clone().index_fill_(0, torch.tensor([2]), float("nan")), y[:10]),
         "inf-inputs": (x[:10].clone().index_fill_(0, torch.tensor([0, 4]), float("inf")), y[:10]),
     }[probe]
     model = _mlp()
+    loss = "mse" if probe == "mse-target-shape" else "cross_entropy"
     with pytest.raises(ValueError, match=match):
-        GramMonitor(model, _sgd(model), probe=data, n_train=n_train, probe_size=None)
+        GramMonitor(model, _sgd(model), probe=data, n_train=n_train, probe_size=None, loss=loss)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("all-frozen", "no trainable parameters"),
+    ("no-parameters", "no trainable parameters"),
+    ("foreign-optimizer", "trains none of the model's parameters"),
+    ("unsupported-optimizer", "does not support the optimizer"),
+])
+def test_bad_models_and_optimizers_are_refused(case, match):
+    x, y = _data()
+    model = _mlp()
+    opt = _sgd(model)
+    if case == "all-frozen":
+        model.requires_grad_(False)
+    elif case == "no-parameters":
+        model = nn.Sequential(nn.Flatten())
+    elif case == "foreign-optimizer":
+        opt = _sgd(_mlp(1))
+    else:
+        opt = torch.optim.LBFGS(model.parameters())
+    with pytest.raises((ValueError, TypeError), match=match):
+        GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
+
+
+@pytest.mark.parametrize("case", ["eval-mode-training", "step-closure"])
+def test_steps_the_monitor_cannot_see_are_named(case):
+    """No training forward before the step: said with the fix, never a silent zero gap, and the
+    run unchanged."""
+    x, y = _data()
+
+    def build():
+        model = _mlp()
+        return model, _sgd(model), {}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain, _, _, _ = _watched(build, 6, monitor=False)
+    model, opt, _ = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            idx = torch.randint(0, N, (16,), generator=g)
+
+            def closure():
+                opt.zero_grad()
+                value = F.cross_entropy(model(x[idx]), y[idx])
+                value.backward()
+                return value
+
+            if case == "eval-mode-training":
+                model.eval()
+                closure()
+                opt.step()
+            else:
+                opt.step(closure)
+    assert _same(plain, _params(model))
+    hint = "model.train()" if case == "eval-mode-training" else "optimizer.step(closure)"
+    assert any(hint in m for m in _messages(caught)), _messages(caught)
+    assert all(h["predicted_gap"] != 0.0 for h in mon.history[1:]), "no silent zero gap"
+
+
+def test_measure_called_directly_never_raises(monkeypatch):
+    x, y = _data()
+    model, opt, _ = _mlp_sgd()
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
+    monkeypatch.setattr(kernel, "tangent_outputs", _boom)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert mon.measure() is None
+    monkeypatch.undo()
+    _train(model, opt, x, y, 2)
+    assert mon.measure() is not None and math.isfinite(mon.predicted_gap)
 
 
 def test_nan_regression_targets_are_refused():
