@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import math
 import time
-import warnings
 import weakref
 from typing import Callable, Dict, List, Optional, Union
 
@@ -312,7 +311,7 @@ class GramMonitor:
         self.k = check_probe_against_model(model, self.probe, self.loss)
         self.loss = self.loss.with_out_shape(self._out_shape())
         m = self.probe.x.shape[0]
-        self._warn_untrained(model, optimizer)
+        self._check_held(model, optimizer)
         # The same seed draws the same permutation, so the train sample contains the probe.
         self.train_sample = None
         if self.config.train_sample_size > m:
@@ -408,8 +407,9 @@ class GramMonitor:
 
     # -- construction helpers -----------------------------------------------------------------
     @staticmethod
-    def _warn_untrained(model: nn.Module, optimizer) -> None:
-        """Trainable parameters outside the optimizer are held fixed (P = 0); say so once."""
+    def _check_held(model: nn.Module, optimizer) -> None:
+        """The optimizer must train some of the model; trainable parameters outside it are held
+        fixed (P = 0), which is said once here."""
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
         if not any(id(p) in held for p in model.parameters()):
@@ -512,7 +512,8 @@ class GramMonitor:
     def _check_step(self, closure: bool = False) -> None:
         """Refuse a step the per-step engine cannot follow, naming the cause and the fix."""
         if self.coordinates == "exact" and not self._told_new:
-            new = [n for n in _trainable_names(self.model) if n not in set(self._trainable)]
+            known = set(self._trainable)
+            new = [n for n in _trainable_names(self.model) if n not in known]
             if new:
                 # Frozen since: P = 0 on them (optim.whitening). Unfrozen since: outside the coordinates.
                 self._told_new = True

@@ -23,7 +23,6 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import gramhook.kernel as kernel
-import gramhook.monitor as monitor_module
 from gramhook import GramMonitor
 from models import naive_jacobian
 
