@@ -171,6 +171,11 @@ def make_probe(
             f"n_train={n_train} is smaller than the probe (m={m}); {_FIX_N_TRAIN} (the probe is "
             "a subset of the training set), or pass a smaller size."
         )
+    if n_avail > n_train:
+        raise ValueError(
+            f"The probe data hold {n_avail} samples, more than n_train={n_train}: the probe is drawn from "
+            f"the training set, so {_FIX_N_TRAIN} and pass training samples only (a subset such as "
+            "(x_train[:256], y_train[:256]) is fine).")
 
     if isinstance(source, tuple):
         x, y = source if indices is None else (source[0][indices], source[1][indices])

@@ -685,7 +685,7 @@ def test_nan_batch_skipped_by_the_loop_is_named_and_recovers():
 
 @pytest.mark.parametrize("probe, n_train, match", [
     ("one-sample", 64, "at least 2.*Pass more samples"),
-    ("larger-than-n_train", 32, r"n_train=32 is smaller than the probe.*len\(train_set\)"),
+    ("larger-than-n_train", 32, r"n_train=32 is smaller than the probe \(m=64\).*len\(train_set\)"),
     ("dataset-larger-than-n_train", 32, r"n_train=32 is smaller than the probe"),
     ("empty", 64, "empty"),
     ("empty-dataset", None, "empty"),
@@ -707,7 +707,7 @@ def test_bad_probes_are_refused(probe, n_train, match):
     data = {
         "one-sample": (x[:1], y[:1]),
         "larger-than-n_train": (x, y),
-        "dataset-larger-than-n_train": (x, y),
+        "dataset-larger-than-n_train": TensorDataset(x, y),
         "empty": (x[:0], y[:0]),
         "empty-dataset": TensorDataset(x[:0], y[:0]),
         "wrong-features": (torch.randn(10, D + 1), y[:10]),
@@ -803,6 +803,16 @@ def test_measure_called_directly_never_raises(monkeypatch):
     assert mon.measure() is not None and math.isfinite(mon.predicted_gap)
 
 
+@pytest.mark.parametrize("form", ["tensors", "dataset"])
+def test_probe_data_larger_than_n_train_are_refused(form):
+    """A probe of 8 drawn from 64 samples declared as a training set of 32."""
+    x, y = _data()
+    data = (x, y) if form == "tensors" else TensorDataset(x, y)
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"probe data hold 64 samples, more than n_train=32.*training samples only"):
+        GramMonitor(model, _sgd(model), probe=data, n_train=32, probe_size=8)
+
+
 def test_nan_regression_targets_are_refused():
     x, _ = _data()
     y = torch.randn(N, K)
@@ -843,7 +853,7 @@ def test_deleted_monitor_stops_measuring():
 @pytest.mark.parametrize("where", ["readout", "step"])
 def test_out_of_memory_is_survived(monkeypatch, where):
     def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     x, y = _data()
     with warnings.catch_warnings():
