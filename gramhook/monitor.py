@@ -678,6 +678,7 @@ class GramMonitor:
             sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method, names=names)
                    if sketch is None
                    else kernel.sketched_jacobian(self.model, xs, sketch, seed=seed, preconditioner=pre, method=method))
+            sub = sub.to(self.perstep.base.dtype)  # float32 for 16-bit models (no 16-bit eigensolver)
             theta = torch.einsum("iap,jbp->iajb", sub, sub)
             dt = t - getattr(self, "_k_time", t)
             self._k_time = t
@@ -782,8 +783,8 @@ class GramMonitor:
 
     def _sub_probe_ntk(self, rates) -> Tensor:
         """Θ on the first m_K probe samples from the engine's Jacobians ``(m_K, k, m_K, k)``."""
-        jac = rates.probe_jac[: self._m_k]
-        left = jac if rates.metric is None else jac * rates.metric
+        jac = rates.probe_jac[: self._m_k].to(self.engine.delta.dtype)  # float32 for 16-bit models
+        left = jac if rates.metric is None else jac * rates.metric.to(jac.dtype)
         return torch.einsum("iap,jbp->iajb", left, jac)
 
     def _shrink(self) -> None:

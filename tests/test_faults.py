@@ -950,3 +950,40 @@ def test_cpu_autocast_bf16():
 
     mon, caught = _bitwise(build)
     assert len(_finite_history(mon)) == 5 and mon.predicted_gap > 0 and mon._failures.messages == []
+
+
+class _SparseEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.head = nn.Linear(4, K)
+
+    def forward(self, t):                                  # t (B, 3) token ids
+        return self.head(self.emb(t).mean(1))
+
+
+@pytest.mark.parametrize("coordinates", ["exact", 64])
+def test_sparse_gradients(coordinates):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 10, (N, 3), generator=g), torch.randint(0, K, (N,), generator=g)
+
+    def build():
+        torch.manual_seed(0)
+        model = _SparseEmbedding()
+        return model, _sgd(model), {"data": (x, y)}
+
+    mon, caught = _bitwise(build, coordinates=coordinates)
+    assert caught == [] and len(_finite_history(mon)) == 5 and mon.predicted_gap > 0
+
+
+@pytest.mark.parametrize("engine", ["perstep", "periodic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_models(engine, dtype):
+    x, y = _data()
+
+    def build():
+        model = _mlp().to(dtype)
+        return model, _sgd(model), {"data": (x.to(dtype), y)}
+
+    mon, caught = _bitwise(build, engine=engine)
+    assert caught == [] and len(_finite_history(mon)) == 5 and mon.predicted_gap > 0

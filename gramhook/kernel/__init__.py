@@ -279,7 +279,7 @@ def flat_vector(tensors, *, s=None, seed=0, preconditioner=None):
         return _fast.sketch_vectors(tensors, int(s), seed=seed, preconditioner=preconditioner)
     parts = []
     for name, t in tensors.items():
-        t = t.detach().reshape(-1)
+        t = (t.to_dense() if t.is_sparse else t).detach().reshape(-1)  # sparse gradients (Embedding(sparse=True))
         if preconditioner is not None and name in preconditioner:
             t = t * preconditioner[name].reshape(-1).to(t.dtype).sqrt()
         parts.append(t)

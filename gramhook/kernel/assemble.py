@@ -1237,6 +1237,7 @@ def sketch_vectors(tensors: Mapping[str, Tensor], s: int, *, seed: int = 0,
     ``P^{1/2}``-scaled vector per name, e.g. a gradient: ``{name: (*shape)}`` → ``(s,)``."""
     out = None
     for name, t in tensors.items():
+        t = t.to_dense() if t.is_sparse else t  # sparse gradients (Embedding(sparse=True))
         g = t.detach().reshape(1, 1, -1).to(acc_dtype(t.dtype))
         part = _count_sketch_dense(g, _hashes(name, tuple(t.shape), s, seed, t.device), s,
                                    _sqrt_p(preconditioner, name, g))[0, 0]
