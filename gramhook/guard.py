@@ -29,15 +29,21 @@ _held: List[Tuple[str, type]] = []  # reports made inside quiet(), emitted when 
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Warnings raised by the monitor's own work (torch's one-time deprecation notices, vmap
-    fallback notices) are dropped here, so ``-W error`` cannot turn them into exceptions. The
-    monitor's own reports (:func:`emit`) are held and emitted once the outermost block ends,
-    under the user's warning filters."""
+    """Where a warning filter turns warnings into errors (``-W error``), warnings raised by the
+    monitor's own work (torch's deprecation notices, vmap fallback notices) are dropped here, so
+    that they cannot become exceptions. The monitor's own reports (:func:`emit`) are held and
+    emitted once the outermost block ends, under the user's warning filters."""
     global _depth
     _depth += 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        if any(f[0] == "error" for f in warnings.filters):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        else:
+            # Nothing can raise: leave the filters alone, since changing them (catch_warnings)
+            # resets every module's once-per-location registry and would repeat the user's own
+            # warnings at every step.
             yield
     finally:
         _depth -= 1

@@ -484,8 +484,7 @@ class GramMonitor:
         if not self.model.training or not args or not isinstance(args[0], Tensor):
             return
         try:
-            with guard.quiet():
-                (self._stepper.record if self._stepper is not None else self._reservoir.add)(args[0])
+            (self._stepper.record if self._stepper is not None else self._reservoir.add)(args[0])
         except Exception as exc:  # never break the user's forward
             self._report("capture", exc)
 

@@ -987,3 +987,27 @@ def test_16_bit_models(engine, dtype):
 
     mon, caught = _bitwise(build, engine=engine)
     assert caught == [] and len(_finite_history(mon)) == 5 and mon.predicted_gap > 0
+
+
+class _Noisy(nn.Module):
+    """Warns at every training forward, as some user code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _mlp()
+
+    def forward(self, x):
+        if self.training:
+            warnings.warn("the user's own warning", UserWarning)
+        return self.net(x)
+
+
+def test_users_own_warnings_keep_their_once_per_location_filter():
+    x, y = _data()
+    model = _Noisy()
+    opt = _sgd(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
+        _train(model, opt, x, y, 6)
+    assert sum("the user's own warning" in str(w.message) for w in caught) == 1
