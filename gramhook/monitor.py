@@ -254,6 +254,10 @@ class GramMonitor:
         compare_tag: the TensorBoard tag of your measured test loss, drawn beside the prediction.
         **settings: the fields of :class:`MonitorConfig`.
 
+    The hooks hold the monitor weakly: one that is no longer referenced stops measuring. Call
+    :meth:`close` (or use ``with GramMonitor(...) as monitor:``) when done; :meth:`detach` only
+    removes the hooks. Nothing raised inside a hook reaches your loop (README, "Reliability").
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -392,17 +396,18 @@ class GramMonitor:
         # SGD momentum builds up from an empty buffer: the first steps move less (optim.step_dt).
         self._cold_start = not momentum_is_warm(optimizer)
         self._fingerprint = self._make_fingerprint()
+        sink = self._make_sink(logdir, compare_tag)  # a bad logdir fails here, before any hook
         # Hooks hold the monitor weakly: a monitor that is no longer referenced stops measuring.
         self._handles = [optimizer.register_step_post_hook(_weak_hook(self, "_on_step"))]
         if self._stepper is not None:
             self._handles.append(optimizer.register_step_pre_hook(_weak_hook(self, "_pre_step")))
         if self._stepper is not None or self.reference is None:
             self._handles.append(called.register_forward_pre_hook(_weak_hook(self, "_capture")))
-        self.sink = None
-        self.measure()
         # The first point is written at the first step: a monitor resumed by load_state_dict
         # before training must not write a second step-0 point into the same logdir.
-        self.sink = self._make_sink(logdir, compare_tag)
+        self.sink = None
+        self.measure()
+        self.sink = sink
         self._unwritten = self.history[-1] if self.history else None
 
     # -- construction helpers -----------------------------------------------------------------
