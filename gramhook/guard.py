@@ -57,7 +57,8 @@ def quiet() -> Iterator[None]:
 def _preload() -> None:
     """Import, once and quietly, the torch module whose import warns (``torch.jit.script`` is
     deprecated) the first time forward-mode AD runs: silence it at its source."""
-    with quiet():
+    with warnings.catch_warnings():  # once, at import: whatever the filters are
+        warnings.simplefilter("ignore")
         try:
             import torch._decomp.decompositions_for_jvp  # noqa: F401
         except Exception:  # pragma: no cover - other torch versions
