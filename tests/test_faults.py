@@ -355,9 +355,16 @@ def _compiled_build(warm):
     return build
 
 
-def test_compiled_module_is_measured():
+def _compiled_in_place():
+    model = _mlp()
+    model.compile(backend="eager")
+    return model, _sgd(model), {}
+
+
+@pytest.mark.parametrize("how", ["wrapper", "in-place"])
+def test_compiled_module_is_measured(how):
     torch._dynamo.reset()
-    mon, caught = _bitwise(_compiled_build(warm=False))
+    mon, caught = _bitwise(_compiled_build(warm=False) if how == "wrapper" else _compiled_in_place)
     assert len(_finite_history(mon)) == 5 and mon.predicted_gap > 0
     assert mon._failures.messages == [] and mon._stepper.batch_rows > 0
 
