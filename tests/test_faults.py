@@ -5,8 +5,9 @@ Every case asserts one of:
   monitor recovers once the cause is gone;
 - or the monitor refuses at construction with a message that names the cause and the fix.
 
-Real models and data throughout (tiny sizes); faults are injected into gramhook's own kernel
-functions where a fault cannot be provoked from outside (out-of-memory).
+Real models and data throughout (tiny sizes); where a fault cannot be provoked from outside
+(out-of-memory, a measurement that raises or warns), it is injected into gramhook's own kernel
+functions.
 """
 import copy
 import gc
@@ -99,6 +100,24 @@ def _bitwise(build, steps=10, action="always", **kwargs):
         warnings.simplefilter(action)
         watched, mon, _, _ = _watched(build, steps, **kwargs)
     assert _same(plain, watched), "the monitor changed the training run"
+    return mon, _messages(caught)
+
+
+def _replayed(build, script, **kwargs):
+    """Run ``script(model, opt, x, y, mon)`` on ``build()`` without a monitor (``mon=None``), then
+    with one; assert the parameters end bitwise equal; return the monitor and its warnings."""
+    x, y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, _ = build()
+        script(model, opt, x, y, None)
+        plain = _params(model)
+    model, opt, _ = build()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **{**QUICK, **kwargs})
+        script(model, opt, x, y, mon)
+    assert _same(plain, _params(model)), "the monitor changed the training run"
     return mon, _messages(caught)
 
 
@@ -512,13 +531,14 @@ def test_distinct_failures_pause_and_recover_and_a_second_episode_is_reported(mo
     assert sum(1 for h in mon.history if 1 < h["step"] <= 20) < 10, "paused measurements back off"
     assert any("works again" in m for m in recovered) and mon.history[-1]["step"] > 20, (first, recovered)
     assert any("injected failure" in m for m in second), "a later episode is reported again"
+    plain, plain_opt, _ = _mlp_sgd()
+    for steps in (20, 40, 3):
+        _train(plain, plain_opt, x, y, steps)
+    assert _same(_params(plain), _params(model))
 
 
 def test_failing_tensorboard_and_schedule_never_stop_training(tmp_path):
-    calls = {"n": 0}
-
     def schedule(step):
-        calls["n"] += 1
         if step == 3:
             raise RuntimeError("schedule bug")
         return step % 2 == 0
@@ -573,18 +593,21 @@ def test_two_optimizers_on_one_model():
 
 
 def test_add_param_group_mid_training_is_followed():
-    x, y = _data()
-    model = _mlp()
-    opt = torch.optim.SGD(model[2].parameters(), lr=0.2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
+    def build():
+        model = _mlp()
+        return model, torch.optim.SGD(model[2].parameters(), lr=0.2), {}
+
+    before = []
+
+    def script(model, opt, x, y, mon):
         _train(model, opt, x, y, 6)
-        before = mon.predicted_gap
+        before.append(mon.predicted_gap if mon else None)
         opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.2})
         _train(model, opt, x, y, 6)
-    assert not any("failed" in m for m in _messages(caught))
-    assert len(_finite_history(mon)) == 6 and mon.predicted_gap > before
+
+    mon, caught = _replayed(build, script)
+    assert not any("failed" in m for m in caught)
+    assert len(_finite_history(mon)) == 6 and mon.predicted_gap > before[-1]
 
 
 class _Shaped(nn.Module):
@@ -651,20 +674,16 @@ def test_train_sample_labels_are_checked():
 
 @pytest.mark.parametrize("engine", ["perstep", "periodic"])
 def test_nan_weights_fixed_later_recover(engine):
-    x, y = _data()
-    model, opt, _ = _mlp_sgd()
-    settings = {**QUICK, "engine": engine, "reference_outputs": None}
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **settings)
-    _train(model, opt, x, y, 4)
-    good = copy.deepcopy(model.state_dict())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    def script(model, opt, x, y, mon):
+        _train(model, opt, x, y, 4)
+        good = copy.deepcopy(model.state_dict())
         with torch.no_grad():
             model[0].weight[0, 0] = float("nan")
         _train(model, opt, x, y, 4)
         model.load_state_dict(good)          # the fix: a finite checkpoint
         _train(model, opt, x, y, 40)
-    msgs = _messages(caught)
+
+    mon, msgs = _replayed(_mlp_sgd, script, engine=engine, reference_outputs=None)
     assert any("NaN" in m and "0.weight" in m for m in msgs), msgs
     assert not any("converge" in m for m in msgs), "NaN is named as NaN"
     assert mon.history[-1]["step"] > 30 and math.isfinite(mon.predicted_gap) and mon.predicted_gap > 0
@@ -899,34 +918,33 @@ def test_frozen_layer_at_construction():
 def test_layer_unfrozen_mid_training(coordinates):
     """Unfreezing (requires_grad False -> True, then add_param_group) keeps measuring; exact
     coordinates, fixed at attach time, say that they hold the new parameters fixed."""
-    x, y = _data()
-    model = _mlp()
-    model[0].requires_grad_(False)
-    opt = torch.optim.SGD(model[2].parameters(), lr=0.2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, coordinates=coordinates, **QUICK)
+    def build():
+        model = _mlp()
+        model[0].requires_grad_(False)
+        return model, torch.optim.SGD(model[2].parameters(), lr=0.2), {}
+
+    def script(model, opt, x, y, mon):
         _train(model, opt, x, y, 4)
         model[0].requires_grad_(True)
         opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.2})
         _train(model, opt, x, y, 6)
-    told = [m for m in _messages(caught) if "became trainable" in m]
-    assert len(told) == (1 if coordinates == "exact" else 0) and not any("failed" in m for m in _messages(caught))
+
+    mon, caught = _replayed(build, script, coordinates=coordinates)
+    told = [m for m in caught if "became trainable" in m]
+    assert len(told) == (1 if coordinates == "exact" else 0) and not any("failed" in m for m in caught)
     assert len(_finite_history(mon)) == 5 and mon.predicted_gap > 0
 
 
 @pytest.mark.parametrize("engine, coordinates", [("periodic", "exact"), ("periodic", 64), ("perstep", "exact"),
                                                  ("perstep", 64)])
 def test_layer_frozen_mid_training_is_held_fixed(engine, coordinates):
-    x, y = _data()
-    model, opt, _ = _mlp_sgd()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, engine=engine, coordinates=coordinates, **QUICK)
+    def script(model, opt, x, y, mon):
         _train(model, opt, x, y, 4)
         model[0].requires_grad_(False)
         _train(model, opt, x, y, 6)
-    assert _messages(caught) == []
+
+    mon, caught = _replayed(_mlp_sgd, script, engine=engine, coordinates=coordinates)
+    assert caught == []
     assert len(_finite_history(mon)) == 5 and mon.predicted_gap > 0
 
 
