@@ -156,7 +156,7 @@ class StepCapture:
         else:
             x_all = x_rows
         vec = kernel.vjp_rows(self.model, x_all, cot, s=self.sketch, seed=self.seed, preconditioner=pre,
-                              method=self.method, names=self.names)[:, 0]                      # (R + q, D)
+                              method=self.method, names=self.names)[:, 0]    # (R + q, D)
         R = x_rows.shape[0]
         rows = vec[:R] / math.sqrt(R)
         inj = None
