@@ -147,15 +147,17 @@ class StepCapture:
         seed: of the sketch and of the row and direction draws (a private generator).
         method: kernel method.
         matcher: recognises probe rows (default: a new one from the probe and seed).
+        names: the parameters of exact coordinates (default: the ``requires_grad`` ones now).
     """
 
     def __init__(self, model: nn.Module, optimizer, loss: Loss, probe_x: Tensor, probe_y: Tensor, n_train: int,
                  engine: PerStepEngine, *, sketch: Optional[int], rows: Optional[int], seed: int, method: str = "auto",
-                 matcher: Optional[ProbeMatcher] = None):
+                 matcher: Optional[ProbeMatcher] = None, names: Optional[tuple] = None):
         self.model, self.optimizer, self.loss = model, optimizer, loss
         self.probe_x, self.probe_y, self.n_train = probe_x, probe_y, n_train
         self.engine, self.sketch, self.rows, self.seed, self.method = engine, sketch, rows, seed, method
         self.matcher = matcher if matcher is not None else ProbeMatcher(probe_x, seed)
+        self.names = None if sketch is not None else names
         self.gen = torch.Generator().manual_seed(seed + 5)
         self.pending: List[Tensor] = []
         self.recognised = 0          # probe samples recognised in training batches so far
@@ -189,7 +191,7 @@ class StepCapture:
 
     def _step(self) -> None:
         x = self._batch()
-        rule, pre = step_rule(self.optimizer, self.model)
+        rule, pre = step_rule(self.optimizer, self.model, self.names)
         if x is None or x.shape[0] == 0:
             self.engine.step(rule, None, None)
             return
@@ -213,6 +215,8 @@ class StepCapture:
         x_rows = x[sub]
         with torch.no_grad(), kernel.eval_mode(self.model):
             f = self.model(torch.cat([x_rows, x_inj])).reshape(x_rows.shape[0] + x_inj.shape[0], -1)
+        if not bool(torch.isfinite(f).all()):
+            raise FloatingPointError("the model's outputs on the training batch are not finite (NaN/inf)")
         f_rows, f_inj = f[: x_rows.shape[0]], f[x_rows.shape[0]:]
         lam = output_hessian(self.loss, f_rows, None, target_like=self.probe_y[0])
         cot = sampled_half_hessian(lam, 1, self.gen)                        # (R, 1, k)
@@ -224,15 +228,19 @@ class StepCapture:
         else:
             x_all = x_rows
         vec = kernel.vjp_rows(self.model, x_all, cot, s=self.sketch, seed=self.seed, preconditioner=pre,
-                              method=self.method)[:, 0]                      # (R + q, D)
+                              method=self.method, names=self.names)[:, 0]    # (R + q, D)
         R = x_rows.shape[0]
         rows = vec[:R] / math.sqrt(R)
         inj = None
         if inject:
-            grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                     for n, p in self.model.named_parameters() if p.requires_grad}
+            params = dict(self.model.named_parameters())
+            names = self.names if self.names is not None else [n for n, p in params.items() if p.requires_grad]
+            grads = {n: (params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])) for n in names}
             mean = kernel.flat_vector(grads, s=self.sketch, seed=self.seed, preconditioner=pre).to(vec.dtype)
             inj = (mean.unsqueeze(0) - vec[R:]) / (B - 1)
+        # Nothing non-finite may enter the engine's state: it would stay there after the cause is gone.
+        if not bool(torch.isfinite(vec).all()) or (inj is not None and not bool(torch.isfinite(inj).all())):
+            raise FloatingPointError("the gradients of this training step are not finite (NaN/inf)")
         self.engine.step(rule, rows, owner[sub], ids if inject else None, inj, batch=B, saturate=R < B)
 
     def state_dict(self) -> dict:
