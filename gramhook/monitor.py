@@ -108,6 +108,9 @@ class MonitorConfig:
             measure the diagnostics (perturbation ε̄, contraction c̄, the effective Gram matrix
             K_n and its alignment), which cost about as much again as the prediction; the
             readouts in between only read the prediction out and log NaN for them.
+        directions: per-step engine: how each contraction row's output direction is drawn,
+            ``"signs"`` (random signs over Λ's eigenvectors) or ``"eigen"`` (one eigenvector in
+            proportion to its eigenvalue); see :class:`gramhook.capture.StepCapture`.
         seed: seed of the probe choice, sketch and reference sampling (private generators).
     """
 
@@ -129,6 +132,7 @@ class MonitorConfig:
     rows: Optional[int] = None
     window: int = 32
     diagnostics_every: int = 4
+    directions: str = "signs"
     seed: int = 0
 
     def __post_init__(self):
@@ -154,6 +158,8 @@ class MonitorConfig:
             raise ValueError(f"`rows` must be None (half the batch) or a positive int (contraction rows per step), got {self.rows!r}.")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"`window` must be a positive int, got {self.window!r}.")
+        if self.directions not in ("signs", "eigen"):
+            raise ValueError(f"`directions` must be 'signs' or 'eigen', got {self.directions!r}.")
         if isinstance(self.diagnostics_every, bool) or not isinstance(self.diagnostics_every, int) or self.diagnostics_every < 1:
             raise ValueError(f"`diagnostics_every` must be a positive int (1: diagnostics at every readout), "
                              f"got {self.diagnostics_every!r}.")
@@ -385,7 +391,8 @@ class GramMonitor:
             self._stepper = StepCapture(model, optimizer, self.loss, self.probe.x, self.probe.y, self.n_train,
                                         self.perstep, sketch=None if coords == "exact" else int(coords),
                                         rows=self.config.rows, seed=self.config.seed, method=self.config.method,
-                                        matcher=self._probe_filter, names=_trainable_names(model))
+                                        matcher=self._probe_filter, names=_trainable_names(model),
+                                        directions=self.config.directions)
         self._prev_readout = None  # (time, mean gap) of the previous per-step readout with diagnostics
         self._readouts = 0         # per-step readouts so far
         self._elapsed_total = 0.0  # flow time of the per-step engine's readouts

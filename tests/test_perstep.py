@@ -197,6 +197,23 @@ def test_saturation_keeps_first_order_and_caps_kicks():
                                rtol=1e-5, atol=1e-12)
 
 
+def test_signed_directions_are_unbiased_with_exact_size():
+    """c = Σ_a sqrt(e_a) η_a v_a: |c|² = tr Λ for every draw, E[c cᵀ] = Λ (mean over all 2^k sign
+    patterns, reached here by many draws), and for a rank-one Λ the row is ±sqrt(e) v."""
+    from gramhook.measure import signed_half_hessian
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(5, 4, generator=g, dtype=F64), 1)
+    lam = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    draws = torch.cat([signed_half_hessian(lam, g) for _ in range(4000)], 1)        # (5, 4000, 4)
+    torch.testing.assert_close((draws ** 2).sum(-1), lam.diagonal(dim1=1, dim2=2).sum(-1, keepdim=True).expand(5, 4000))
+    second = torch.einsum("bnk,bnl->bkl", draws, draws) / draws.shape[1]
+    assert float((second - lam).abs().max()) < 0.05 * float(lam.abs().max())
+    v = torch.tensor([0.6, 0.8], dtype=F64)
+    one = signed_half_hessian((3.0 * torch.outer(v, v)).unsqueeze(0), g)[0, 0]
+    torch.testing.assert_close(one.abs(), (3.0 ** 0.5 * v).abs())
+
+
 def test_probe_matcher_recognises_probe_rows_only():
     g = torch.Generator().manual_seed(0)
     probe = torch.randn(20, 3, 4, generator=g)
