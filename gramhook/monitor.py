@@ -428,6 +428,9 @@ class GramMonitor:
         self.measure()
         self.sink = sink
         self._unwritten = self.history[-1] if self.history else None
+        # The budget of every=None counts from here: the step-0 readout (plans built, first calls)
+        # is a one-off cost, and charging it would starve the first part of the run of readouts.
+        self._budget_origin = (time.perf_counter(), self._monitor_seconds)
 
     # -- construction helpers -----------------------------------------------------------------
     @staticmethod
@@ -485,8 +488,9 @@ class GramMonitor:
     def _due(self, step: int) -> bool:
         every = self.config.every
         if every is None:
-            readouts = self._monitor_seconds - self._step_seconds
-            rest = time.perf_counter() - self._started - readouts
+            since, spent = getattr(self, "_budget_origin", (self._started, 0.0))
+            readouts = self._monitor_seconds - spent - self._step_seconds
+            rest = time.perf_counter() - since - readouts
             return readouts <= self.config.overhead * rest
         if callable(every):
             return bool(every(step))

@@ -269,6 +269,32 @@ def test_diagnostics_every_kth_readout_leave_the_prediction_alone():
         _mlp_run(every=4, steps=0, diagnostics_every=0)
 
 
+def test_default_schedule_reads_out_within_the_budget():
+    """every=None: readouts (after the step-0 one) take at most `overhead` of the rest of the
+    run's time, and the budget leaves room for a live curve."""
+    import time
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=96, probe_size=32, overhead=0.1)
+    start = time.perf_counter()
+    while time.perf_counter() - start < 3.0:
+        idx = torch.randint(0, 96, (16,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        time.sleep(0.002)
+    wall = time.perf_counter() - start
+    spent = sum(h["monitor_seconds"] for h in mon.history[1:])
+    assert len(mon.history) >= 5, len(mon.history)
+    assert spent <= 0.1 * wall + max(h["monitor_seconds"] for h in mon.history[1:]), (spent, wall)
+    assert mon.step > 3 * len(mon.history)
+    mon.close()
+
+
 def test_training_is_bitwise_unchanged_by_the_monitor():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
