@@ -191,10 +191,22 @@ def test_fold_is_exact():
 
 def test_saturation_keeps_first_order_and_caps_kicks():
     z = torch.tensor([[3.0, 0.0], [0.0, 1e-3]], dtype=F64)
-    m = PerStepEngine._saturation(z, lr=1.0)
+    m = PerStepEngine._saturation(z, lr=1.0)[0]
     e = torch.linalg.eigvalsh(z.T @ m @ z)
     torch.testing.assert_close(e, torch.tensor([1e-6 * (1 - 0.5e-6), 1 - torch.exp(torch.tensor(-9.0)).item()], dtype=F64),
                                rtol=1e-5, atol=1e-12)
+
+
+def test_saturation_without_a_row_is_the_saturation_of_the_others():
+    """The batched entries that leave one row out give the same operator as saturating the other
+    rows on their own."""
+    z = torch.randn(6, 9, generator=torch.Generator().manual_seed(0), dtype=F64)
+    ops = PerStepEngine._saturation(z, lr=0.7, without=torch.tensor([2, 5]))
+    for j, r in enumerate([2, 5]):
+        keep = [i for i in range(6) if i != r]
+        direct = PerStepEngine._saturation(z[keep], lr=0.7)[0]
+        torch.testing.assert_close(z[keep].T @ ops[1 + j][keep][:, keep] @ z[keep], z[keep].T @ direct @ z[keep])
+        assert float(ops[1 + j][r].abs().sum() - ops[1 + j][r, r].abs()) < 1e-12
 
 
 def test_signed_directions_are_unbiased_with_exact_size():

@@ -230,15 +230,16 @@ class PerStepEngine:
                 scale[inj_idx.to(device)] = batch / (batch - 1)
             full = self.project(rows)                                  # (m, R): ⟨δ_i, z_r⟩
             # δg_i = Σ_r coef[i, r] z_r; with saturation the operator is Zᵀ M Z.
-            lr_sat = rule.lr
-            coef = full @ self._saturation(rows, lr_sat) if saturate else full.clone()
-            for r in torch.nonzero(mine).squeeze(1).tolist():
+            owned = torch.nonzero(mine).squeeze(1)
+            ops = self._saturation(rows, rule.lr, owned) if saturate else None     # (1 + q, R, R)
+            coef = full @ ops[0] if saturate else full.clone()
+            for j, r in enumerate(owned.tolist()):
                 # A probe sample that owns a row contracts with the other rows only.
                 who = int(own[r])
-                coef[who] = 0.0
-                sel = torch.cat([torch.arange(r, device=device), torch.arange(r + 1, rows.shape[0], device=device)])
-                if sel.numel():
-                    coef[who, sel] = full[who, sel] @ self._saturation(rows[sel], lr_sat) if saturate else full[who, sel]
+                others = full[who].clone()
+                others[r] = 0.0
+                coef[who] = others @ ops[1 + j] if saturate else others
+                coef[who, r] = 0.0
             if scale is not None:
                 coef = coef * scale
             new_rows.append(rows)
@@ -272,13 +273,24 @@ class PerStepEngine:
         return out if not self.buffer.steps else out + self.buffer.coef_view(self.a) @ self.buffer.rows_view()
 
     @staticmethod
-    def _saturation(z: Tensor, lr: float) -> Tensor:
-        """``M = Q diag(φ(e)/e) Qᵀ`` ``(R, R)`` with ``Q diag(e) Qᵀ = z zᵀ``: the saturated operator
-        is ``zᵀ M z`` (see :meth:`step`); ``M = I`` to first order in ``η e``."""
-        e, q = torch.linalg.eigh((z @ z.T).double())
+    def _saturation(z: Tensor, lr: float, without: Optional[Tensor] = None) -> Tensor:
+        """``M = Q diag(φ(e)/e) Qᵀ`` ``(1 + q, R, R)`` with ``Q diag(e) Qᵀ = z zᵀ``: the saturated
+        operator is ``zᵀ M z`` (see :meth:`step`); ``M = I`` to first order in ``η e``. Entry
+        ``1 + j`` leaves row ``without[j]`` out (its row and column of ``z zᵀ`` zeroed: there ``M``
+        is the identity, and on the other rows it is their own saturation), in one batched
+        eigendecomposition."""
+        gram = (z @ z.T).double()
+        if without is not None and without.numel():
+            keep = torch.ones(without.numel(), z.shape[0], dtype=gram.dtype, device=gram.device)
+            keep[torch.arange(without.numel(), device=gram.device), without.to(gram.device)] = 0.0
+            masked = gram.unsqueeze(0) * keep.unsqueeze(2) * keep.unsqueeze(1)
+            gram = torch.cat([gram.unsqueeze(0), masked])
+        else:
+            gram = gram.unsqueeze(0)
+        e, q = torch.linalg.eigh(gram)
         x = lr * e.clamp(min=0)
         ratio = torch.where(x > 1e-8, -torch.expm1(-x) / x.clamp(min=1e-300), 1 - 0.5 * x)
-        return ((q * ratio.unsqueeze(0)) @ q.T).to(z.dtype)
+        return ((q * ratio.unsqueeze(1)) @ q.transpose(1, 2)).to(z.dtype)
 
     def fold(self) -> None:
         """Fold the buffer into ``Y`` and ``V`` (exact)."""
