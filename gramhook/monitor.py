@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import kernel
+from . import adapt, kernel
 from .dynamics.effective_gram import EffectiveGram
 from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, perturbation_factor
 from .losses import residual_and_hessian
@@ -203,7 +203,8 @@ class GramMonitor:
     """Predict the test loss of a model while it trains, from the empirical NTK on a probe.
 
     Args:
-        model: the model being trained; its forward takes one tensor of inputs.
+        model: the model being trained; ``model(x)`` with one tensor, or keyword/positional tensors
+            (dict samples) returning a tensor, a dict, a tuple or a ``ModelOutput``.
         optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` training ``model``.
         probe: ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader`` of *training* samples; a
             fixed subset of ``probe_size`` samples is drawn once, deterministically.
@@ -217,6 +218,13 @@ class GramMonitor:
             pre-hook active while ``model.training`` is true) into a bounded reservoir of cloned
             rows, emptied at every measurement.
         compare_tag: the TensorBoard tag of your measured test loss, drawn beside the prediction.
+        output: which part of a structured model output is the prediction: a key (dict,
+            ``ModelOutput``), an index (tuple) or a callable; by default the output itself if it
+            is a tensor, else ``logits``, else the first tensor (:func:`gramhook.adapt.select_output`).
+        inputs: for dict samples, the keys that go to the model as keywords (default: all but the
+            label key, one of :data:`gramhook.adapt.LABEL_KEYS`), or a callable
+            ``sample -> (model_inputs, target)``. Models taking several tensors or keywords are
+            measured through :class:`gramhook.adapt.Adapted`.
         **settings: the fields of :class:`MonitorConfig`.
 
     Example:
@@ -244,6 +252,8 @@ class GramMonitor:
         holdout=None,
         reference=None,
         compare_tag: Optional[str] = None,
+        output=None,
+        inputs=None,
         **settings,
     ):
         if not isinstance(model, nn.Module):
@@ -252,6 +262,11 @@ class GramMonitor:
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         check_optimizer(optimizer)
         self.config = MonitorConfig(every=every, **settings)
+        # Keyword/dict inputs and structured outputs: measure an adapter around the model.
+        self.user_model = model
+        probe, model = adapt.prepare(model, probe, output=output, inputs=inputs)
+        if isinstance(model, adapt.Adapted):
+            holdout, reference = model.convert(holdout), model.convert(reference)
         self.model, self.optimizer = model, optimizer
         self.loss = resolve_loss(loss)
         self.device = next(model.parameters()).device
@@ -341,7 +356,12 @@ class GramMonitor:
         if self._stepper is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         if self._stepper is not None or self.reference is None:
-            self._handles.append(model.register_forward_pre_hook(self._capture))
+            spec = getattr(model, "spec", None) if isinstance(model, adapt.Adapted) else None
+            if spec is None:
+                self._handles.append(self.user_model.register_forward_pre_hook(self._capture))
+            else:  # the user's model is called with its own arguments: pack them like the probe
+                self._handles.append(self.user_model.register_forward_pre_hook(
+                    lambda mod, args, kwargs: self._capture(mod, (spec.pack_call(args, kwargs),)), with_kwargs=True))
         self.measure()
 
     # -- construction helpers -----------------------------------------------------------------

@@ -79,6 +79,29 @@ def _single_output_fn(model: nn.Module, frozen: Mapping[str, Tensor]):
     return f
 
 
+def _per_sample(fn, in_dims):
+    """``vmap(fn, in_dims)``, or a loop over the samples when the model cannot run under vmap
+    (data-dependent control flow such as a Hugging Face attention mask's ``mask.all()``);
+    both give the same values."""
+    batched = vmap(fn, in_dims=in_dims, randomness="same")
+
+    def run(*args):
+        try:
+            return batched(*args)
+        except RuntimeError as e:
+            if "vmap" not in str(e):
+                raise
+        n = next(torch.utils._pytree.tree_leaves(a)[0].shape[0] for a, d in zip(args, in_dims) if d == 0)
+        outs = [fn(*[a if d is None else _index(a, i) for a, d in zip(args, in_dims)]) for i in range(n)]
+        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+
+    return run
+
+
+def _index(tree, i: int):
+    return torch.utils._pytree.tree_map(lambda t: t[i], tree)
+
+
 def output_size(model: nn.Module, x: Tensor) -> int:
     """k: the number of outputs per sample of ``model`` on inputs ``x`` ``(batch, ...)``."""
     with torch.no_grad(), eval_mode(model):
@@ -107,7 +130,7 @@ def per_sample_jacobians(
         f = _single_output_fn(model, _frozen_state(model, params))
         k = output_size(model, x)
         chunk = _chunk_size(k, numel, x.element_size() if x.is_floating_point() else 4, memory_budget)
-        jac = vmap(jacrev(f), in_dims=(None, 0), randomness="same")
+        jac = _per_sample(jacrev(f), (None, 0))
         parts = [jac(params, x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
     return {n: torch.cat([p[n] for p in parts]) for n in params}
 
@@ -184,7 +207,7 @@ def per_sample_gradients(
             return loss(f(p, xi).unsqueeze(0), yi.unsqueeze(0))[0]
 
         chunk = _chunk_size(1, numel, x.element_size() if x.is_floating_point() else 4, memory_budget)
-        g = vmap(grad(one), in_dims=(None, 0, 0), randomness="same")
+        g = _per_sample(grad(one), (None, 0, 0))
         parts = [g(params, x[s : s + chunk], y[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
     return {n: torch.cat([p[n] for p in parts]) for n in params}
 
@@ -309,5 +332,5 @@ def per_sample_jvp(
         outs = []
         for lo in range(0, x.shape[0], chunk):
             hi = min(lo + chunk, x.shape[0])
-            outs.append(vmap(one)(tangent(lo, hi), x[lo:hi]))
+            outs.append(_per_sample(one, (0, 0))(tangent(lo, hi), x[lo:hi]))
         return torch.cat(outs)
