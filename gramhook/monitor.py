@@ -356,12 +356,10 @@ class GramMonitor:
         if self._stepper is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         if self._stepper is not None or self.reference is None:
-            spec = getattr(model, "spec", None) if isinstance(model, adapt.Adapted) else None
-            if spec is None:
+            if not isinstance(model, adapt.Adapted) or model.spec is None:
                 self._handles.append(self.user_model.register_forward_pre_hook(self._capture))
             else:  # the user's model is called with its own arguments: pack them like the probe
-                self._handles.append(self.user_model.register_forward_pre_hook(
-                    lambda mod, args, kwargs: self._capture(mod, (spec.pack_call(args, kwargs),)), with_kwargs=True))
+                self._handles.append(self.user_model.register_forward_pre_hook(self._capture_call, with_kwargs=True))
         self.measure()
 
     # -- construction helpers -----------------------------------------------------------------
@@ -417,7 +415,39 @@ class GramMonitor:
         except Exception as exc:  # never break the user's forward
             self._report("capture", exc)
 
+    def _capture_call(self, module, args, kwargs):
+        """:meth:`_capture` for a model called with several tensors or keywords: packed like the probe."""
+        if not module.training:
+            return
+        try:
+            packed = self.model.spec.pack_call(args, kwargs)
+        except Exception as exc:
+            self._report("capture", exc)
+            return
+        if packed is not None:
+            self._capture(module, (packed,))
+
     def _pre_step(self, optimizer, args, kwargs):
+        # optimizer.step(closure) (Lightning, LBFGS-style loops) runs forward and backward inside
+        # the step, after this hook: the engine step then follows the closure.
+        # ``args`` starts with the optimizer itself.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure):
+            done = []
+
+            def after_closure():
+                loss = closure()
+                if not done:  # a closure evaluated again (line search) is not another step
+                    done.append(True)
+                    self._engine_step()
+                return loss
+            if "closure" in kwargs:
+                return tuple(args), {**kwargs, "closure": after_closure}
+            return (args[0], after_closure) + tuple(args[2:]), dict(kwargs)
+        self._engine_step()
+        return None
+
+    def _engine_step(self) -> None:
         start = time.perf_counter()
         try:
             with self._isolated():

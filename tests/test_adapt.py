@@ -180,3 +180,31 @@ def test_dataset_of_dicts_probe_and_packing():
     with pytest.raises(ValueError, match="not a tensor"):
         select_output({"a": 1}, "a")
     mon.close()
+
+
+def test_closure_step_matches_plain_step():
+    """optimizer.step(closure) (as Lightning calls it): the engine steps after the closure."""
+    histories = []
+    for use_closure in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        x, y = torch.randn(32, 4), torch.arange(32) % 3
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        mon = GramMonitor(net, opt, probe=(x, y), n_train=32, every=2, probe_size=8, train_sample_size=0)
+        for step in range(6):
+            idx = torch.arange(step * 5, step * 5 + 8) % 32
+
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+                loss.backward()
+                return loss
+            if use_closure:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+        histories.append([h["predicted_test_loss"] for h in mon.history])
+        assert mon._stepper.recognised > 0
+        mon.close()
+    assert histories[0] == pytest.approx(histories[1], rel=1e-6)
