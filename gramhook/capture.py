@@ -95,6 +95,7 @@ class StepCapture:
         self.recognised = 0          # probe samples recognised in training batches so far
         self.batch_rows = 0          # training rows seen so far
         self.simulate = False
+        self.world = 1               # data-parallel replicas: .grad averages world·B samples
 
     @property
     def mode(self) -> str:
@@ -160,8 +161,8 @@ class StepCapture:
             grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p))
                      for n, p in self.model.named_parameters() if p.requires_grad}
             mean = kernel.flat_vector(grads, s=self.sketch, seed=self.seed, preconditioner=pre).to(vec.dtype)
-            inj = (mean.unsqueeze(0) - vec[R:]) / (B - 1)
-        self.engine.step(rule, rows, owner[sub], ids if inject else None, inj, batch=B, saturate=R < B)
+            inj = (mean.unsqueeze(0) - vec[R:]) / (B * self.world - 1)
+        self.engine.step(rule, rows, owner[sub], ids if inject else None, inj, batch=B * self.world, saturate=R < B)
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state(), "recognised": self.recognised, "batch_rows": self.batch_rows,
