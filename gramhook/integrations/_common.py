@@ -48,12 +48,12 @@ def metrics_of(record: Dict[str, float], prefix: str = "gramhook/") -> Dict[str,
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` inside a framework's wrapper (``LightningOptimizer``,
     accelerate's ``AcceleratedOptimizer``, ...)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and seen < 8:
-        inner: Optional[Any] = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if inner is None:
+    # AcceleratedOptimizer subclasses torch.optim.Optimizer itself: unwrap while there is an inner one.
+    for _ in range(8):
+        inner: Optional[Any] = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not hasattr(inner, "param_groups"):
             break
-        optimizer, seen = inner, seen + 1
+        optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"Could not find a torch.optim.Optimizer inside {type(optimizer).__name__}; "
                         "pass the underlying optimizer.")
