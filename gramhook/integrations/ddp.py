@@ -70,6 +70,9 @@ class DistributedGramMonitor:
         if self.monitor._stepper is not None:
             self.monitor._stepper.world = self.world
         self._warned = False
+        box = [self.monitor.history]         # every rank starts from src's first record
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        self.monitor.history = [dict(h) for h in box[0]]
         self._handle = optimizer.register_step_post_hook(self._on_step)   # after the monitor's own
 
     # -- schedule ------------------------------------------------------------------------------
