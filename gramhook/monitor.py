@@ -205,7 +205,9 @@ class GramMonitor:
     Args:
         model: the model being trained; ``model(x)`` with one tensor, or keyword/positional tensors
             (dict samples) returning a tensor, a dict, a tuple or a ``ModelOutput``.
-        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` training ``model``.
+        optimizer: a ``torch.optim`` optimizer of :data:`gramhook.optim.SUPPORTED_OPTIMIZERS` (SGD,
+            Adam, AdamW, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam; foreach/fused too)
+            training ``model``.
         probe: ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader`` of *training* samples; a
             fixed subset of ``probe_size`` samples is drawn once, deterministically.
         n_train: size of the training set (inferred from a Dataset/DataLoader probe).
