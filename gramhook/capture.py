@@ -19,8 +19,9 @@ is active.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from .losses import Loss, output_hessian, residual_and_hessian
 from .measure import sampled_half_hessian
 from .optim import step_rule
 
-__all__ = ["ProbeMatcher", "StepCapture"]
+__all__ = ["ProbeMatcher", "StepCapture", "BatchStatistics"]
 
 
 class ProbeMatcher:
@@ -68,6 +69,70 @@ class ProbeMatcher:
         return self.match(x) < 0
 
 
+class BatchStatistics:
+    """The batch statistics each BatchNorm layer normalised with in the training forwards of one
+    step, so the step's rows are differentiated through the normalisation the step trained with
+    (the statistics held fixed) rather than through the running averages.
+
+    A forward pre-hook on every BatchNorm layer that tracks running statistics records its
+    input's biased mean and variance while the layer is in train mode (the monitor's own
+    forwards run in eval mode and are not recorded); :meth:`applied` writes them into the running
+    buffers for the duration of a block and restores the buffers bitwise afterwards.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [mod for mod in model.modules()
+                       if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats
+                       and mod.running_mean is not None and mod.running_var is not None]
+        self.records: Dict[int, List[tuple]] = {}
+        self.handles = [mod.register_forward_pre_hook(self._record) for mod in self.layers]
+
+    def _record(self, module, args) -> None:
+        if not module.training or not args or not isinstance(args[0], Tensor):
+            return
+        try:
+            self._add(module, args[0])
+        except Exception:   # never break the user's forward; the layer then keeps its running stats
+            self.records.pop(id(module), None)
+
+    def _add(self, module, x: Tensor) -> None:
+        with torch.no_grad():
+            x = x.detach()
+            dims = [0] + list(range(2, x.dim()))
+            count = x.numel() // x.shape[1]
+            mean = x.mean(dims, dtype=torch.float64) if x.is_floating_point() else None
+            if mean is None:
+                return
+            second = (x.double() ** 2).mean(dims)
+        self.records.setdefault(id(module), []).append((count, mean, second))
+
+    def clear(self) -> None:
+        self.records = {}
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Running buffers replaced by the recorded batch statistics (pooled over the step's
+        forwards), restored on exit; then the records are cleared."""
+        saved = []
+        try:
+            for mod in self.layers:
+                recs = self.records.get(id(mod))
+                if not recs:
+                    continue
+                total = sum(c for c, _, _ in recs)
+                mean = sum(c * m for c, m, _ in recs) / total
+                var = (sum(c * q for c, _, q in recs) / total - mean * mean).clamp(min=0)
+                saved.append((mod, mod.running_mean.clone(), mod.running_var.clone()))
+                mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
+                mod.running_var.copy_(var.to(mod.running_var.dtype))
+            yield
+        finally:
+            for mod, mean, var in saved:
+                mod.running_mean.copy_(mean)
+                mod.running_var.copy_(var)
+            self.clear()
+
+
 class StepCapture:
     """Feeds a :class:`PerStepEngine` from each training step.
 
@@ -96,6 +161,7 @@ class StepCapture:
         self.batch_rows = 0          # training rows seen so far
         self.simulate = False
         self.world = 1               # data-parallel replicas: .grad averages world·B samples
+        self.statistics = BatchStatistics(model)
 
     @property
     def mode(self) -> str:
@@ -116,7 +182,12 @@ class StepCapture:
         return xs[0] if len(xs) == 1 else torch.cat(xs)
 
     def step(self) -> None:
-        """Step pre-hook body: one engine step from the pending batch."""
+        """Step pre-hook body: one engine step from the pending batch (BatchNorm layers normalise
+        with the batch statistics the step trained with)."""
+        with self.statistics.applied():
+            self._step()
+
+    def _step(self) -> None:
         x = self._batch()
         rule, pre = step_rule(self.optimizer, self.model)
         if x is None or x.shape[0] == 0:

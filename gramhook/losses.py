@@ -1,7 +1,9 @@
 """Per-sample losses, their residual r = ∂ℓ/∂f and output Hessian Λ = ∂²ℓ/∂f² (THEORY §1).
 
-Residuals and Hessians always come from autograd on the loss exactly as the user defines it,
-so any reduction scaling inside the per-sample loss is respected.
+Residuals and Hessians of a callable loss come from autograd on the loss exactly as the user
+defines it, so any reduction scaling inside it is respected. The built-in losses use their closed
+forms (the training step's hot path needs Λ at every step), equal to the autograd ones to
+rounding (tested).
 
 Shapes: model outputs are handled flattened to ``(batch, k)``, ``k = prod(output.shape[1:])``.
 Built-in losses see that flattened output; a callable loss sees the output reshaped back to the
@@ -103,6 +105,24 @@ def per_sample_losses(loss: Loss, out: Tensor, y: Tensor) -> Tensor:
     return values
 
 
+def _cross_entropy_derivatives(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """CE on logits: r = softmax − onehot(y), Λ = diag(p) − ppᵀ (independent of y)."""
+    p = torch.softmax(out, dim=1)
+    r = p - F.one_hot(y.long(), out.shape[1]).to(p.dtype)
+    return r, torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+
+
+def _mse_derivatives(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """MSE averaged over k outputs: r = 2(f − y)/k, Λ = (2/k) I."""
+    k = out.shape[1]
+    r = 2.0 * (out - y.reshape(out.shape).to(out.dtype)) / k
+    eye = torch.eye(k, dtype=out.dtype, device=out.device) * (2.0 / k)
+    return r, eye.expand(out.shape[0], k, k).clone()
+
+
+_CLOSED_FORMS = {"cross_entropy": _cross_entropy_derivatives, "mse": _mse_derivatives}
+
+
 def _single(loss: Loss) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda o, t: loss(o.unsqueeze(0), t.unsqueeze(0))[0]
 
@@ -120,6 +140,8 @@ def residual_and_hessian(loss: Loss, out: Tensor, y: Tensor) -> tuple[Tensor, Te
     """
     per_sample_losses(loss, out[:1].detach(), y[:1])
     out = out.detach()
+    if loss.name in _CLOSED_FORMS and loss.fn in (_mse, _cross_entropy):
+        return _CLOSED_FORMS[loss.name](out, y)
     one = _single(loss)
     r = vmap(grad(one))(out, y)
     lam = vmap(hessian(one))(out, y)
@@ -149,4 +171,6 @@ def output_hessian(loss: Loss, out: Tensor, y: Optional[Tensor] = None, *, targe
             y = target_like.unsqueeze(0).expand(out.shape[0], *target_like.shape)
         else:
             raise ValueError(f"output_hessian needs `target_like` for the callable loss {loss.name!r}.")
+    if loss.name in _CLOSED_FORMS and loss.fn in (_mse, _cross_entropy):
+        return _CLOSED_FORMS[loss.name](out, y)[1]
     return vmap(hessian(_single(loss)))(out, y)

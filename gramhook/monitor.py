@@ -47,10 +47,12 @@ class MonitorConfig:
 
     Attributes:
         every: measure every this many optimizer steps, or a callable ``step -> bool``. ``None``
-            (the default) measures whenever the monitor's own time has fallen below
-            ``overhead`` times your time since it was attached, so the cost stays near that
-            budget on any model and machine. Pass an int for a reproducible cadence.
-        overhead: the cost budget of ``every=None``, monitor seconds per second of your loop.
+            (the default) measures whenever the measurements' time has fallen below
+            ``overhead`` times the rest of the run's time since the monitor was attached (your
+            loop, and the per-step engine's work inside it), so their cost stays near that budget
+            on any model and machine. Pass an int for a reproducible cadence.
+        overhead: the cost budget of ``every=None``: measurement seconds per second of the rest
+            of the run.
         probe_size: probe samples m (default 128 on CPU, 512 on CUDA).
         coordinates: ``"exact"`` (δ in parameter coordinates), an int sketch dimension s, or
             ``"auto"``: exact while the probe Jacobians (m·k·P floats) stay under 64 MiB, else
@@ -102,6 +104,10 @@ class MonitorConfig:
             and 8 rows 3.0×.
         window: per-step engine: steps buffered before they are folded into the state (see
             :class:`gramhook.dynamics.perstep.PerStepEngine`).
+        diagnostics_every: per-step engine: every this many readouts (the first included) also
+            measure the diagnostics (perturbation ε̄, contraction c̄, the effective Gram matrix
+            K_n and its alignment), which cost about as much again as the prediction; the
+            readouts in between only read the prediction out and log NaN for them.
         seed: seed of the probe choice, sketch and reference sampling (private generators).
     """
 
@@ -122,6 +128,7 @@ class MonitorConfig:
     engine: str = "perstep"
     rows: Optional[int] = None
     window: int = 32
+    diagnostics_every: int = 4
     seed: int = 0
 
     def __post_init__(self):
@@ -147,6 +154,9 @@ class MonitorConfig:
             raise ValueError(f"`rows` must be None (half the batch) or a positive int (contraction rows per step), got {self.rows!r}.")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"`window` must be a positive int, got {self.window!r}.")
+        if isinstance(self.diagnostics_every, bool) or not isinstance(self.diagnostics_every, int) or self.diagnostics_every < 1:
+            raise ValueError(f"`diagnostics_every` must be a positive int (1: diagnostics at every readout), "
+                             f"got {self.diagnostics_every!r}.")
         if self.method not in kernel.METHODS:
             raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
 
@@ -336,7 +346,8 @@ class GramMonitor:
                                         self.perstep, sketch=None if coords == "exact" else int(coords),
                                         rows=self.config.rows, seed=self.config.seed, method=self.config.method,
                                         matcher=self._probe_filter)
-        self._prev_readout = None  # (time, mean gap) of the previous per-step readout
+        self._prev_readout = None  # (time, mean gap) of the previous per-step readout with diagnostics
+        self._readouts = 0         # per-step readouts so far
         self._elapsed_total = 0.0  # flow time of the per-step engine's readouts
         m_k = min(self.config.effective_gram_size, m)
         self.effective = EffectiveGram(self.n_train, dtype=dtype, device=self.device) if m_k >= 2 else None
@@ -357,6 +368,7 @@ class GramMonitor:
         self._handles = [optimizer.register_step_post_hook(self._on_step)]
         if self._stepper is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.extend(self._stepper.statistics.handles)
         if self._stepper is not None or self.reference is None:
             if not isinstance(model, adapt.Adapted) or model.spec is None:
                 self._handles.append(self.user_model.register_forward_pre_hook(self._capture))
@@ -390,9 +402,9 @@ class GramMonitor:
     def _due(self, step: int) -> bool:
         every = self.config.every
         if every is None:
-            user = time.perf_counter() - self._started - self._monitor_seconds
             readouts = self._monitor_seconds - self._step_seconds
-            return readouts <= self.config.overhead * user
+            rest = time.perf_counter() - self._started - readouts
+            return readouts <= self.config.overhead * rest
         if callable(every):
             return bool(every(step))
         return step % every == 0
@@ -521,36 +533,38 @@ class GramMonitor:
         return record
 
     def _readout(self) -> Dict[str, float]:
-        """Per-step engine: read the maintained perturbations out at the current weights."""
+        """Per-step engine: read the maintained perturbations out at the current weights.
+
+        The prediction costs one forward pass and one forward-mode pass over the probe (and one
+        forward over the train sample); every ``diagnostics_every``-th readout also measures ε̄
+        (the probe's residual gradients), c̄ (by finite differences between such readouts) and
+        the effective Gram matrix (the first m_K probe Jacobians).
+        """
         pre = whitening(self.optimizer, self.model)
         x, y = self.probe.x, self.probe.y
         sketch = None if self.coordinates == "exact" else int(self.coordinates)
         seed, method = self.config.seed, self.config.method
-        with torch.no_grad(), kernel.eval_mode(self.model):
-            out = self.model(x).reshape(x.shape[0], -1)
+        sample_losses = None
+        if self.train_sample is None:
+            with torch.no_grad(), kernel.eval_mode(self.model):
+                out = self.model(x).reshape(x.shape[0], -1)
+        else:  # the probe is part of the train sample: one forward pass serves both
+            sample_out = self._train_sample_outputs()
+            sample_losses = self.loss(sample_out, self.train_sample.y).detach()
+            if not torch.isfinite(sample_losses).all():
+                raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
+            out = sample_out[self._probe_rows.to(sample_out.device)]
         # u_i = J_i δ_i by forward mode: one tangent per sample, no (m, k, D) Jacobian.
         u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre)
         gaps = self.perstep.loss_gaps(u, out, y, self.loss)
         if not torch.isfinite(gaps).all():
             raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
         probe_losses = self.loss(out, y).detach()
-        r, lam = residual_and_hessian(self.loss, out, y)
-        grads = kernel.vjp_rows(self.model, x, r.unsqueeze(1), s=sketch, seed=seed, preconditioner=pre,
-                                method=method)[:, 0]
-        eps = perturbation_factor(grads, None, self.n_train)
         self._elapsed_total += self._elapsed
         self._elapsed = 0.0
         t = self._elapsed_total
         mean = float(gaps.double().mean())
-        contraction = math.nan
-        if self._prev_readout is not None and t > self._prev_readout[0] and abs(mean) > 1e-12:
-            rate = (mean - self._prev_readout[1]) / (t - self._prev_readout[0])
-            contraction = (eps - rate) / mean
-        self._prev_readout = (t, mean)
         self._last_gaps = gaps.detach().cpu()
-        sample_losses = None if self.train_sample is None else self._train_sample_losses()
-        if sample_losses is not None and not torch.isfinite(sample_losses).all():
-            raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
         train_loss, gap, gap_se, slope, hist_slope = regression_estimate(probe_losses, gaps, sample_losses, None, None)
         record = {key: math.nan for key in HISTORY_KEYS}
         record.update({
@@ -558,10 +572,28 @@ class GramMonitor:
             "predicted_gap_se": gap_se, "predicted_test_loss": train_loss + gap,
             "probe_train_loss": float(probe_losses.double().mean()), "probe_gap": mean,
             "gap_slope": slope, "gap_effective_samples": effective_samples(gaps),
-            "contraction": contraction, "perturbation": eps,
             "injected": float(self.perstep.injections),
             "injection_simulated": float(self._stepper.simulate),
         })
+        full = self._readouts % self.config.diagnostics_every == 0
+        self._readouts += 1
+        if full:
+            record.update(self._diagnostics(x, out, y, pre, sketch, t, mean))
+        return record
+
+    def _diagnostics(self, x, out, y, pre, sketch, t: float, mean: float) -> Dict[str, float]:
+        """ε̄, c̄ and the effective Gram matrix's statistics at a readout."""
+        seed, method = self.config.seed, self.config.method
+        r, lam = residual_and_hessian(self.loss, out, y)
+        grads = kernel.vjp_rows(self.model, x, r.unsqueeze(1), s=sketch, seed=seed, preconditioner=pre,
+                                method=method)[:, 0]
+        eps = perturbation_factor(grads, None, self.n_train)
+        contraction = math.nan
+        if self._prev_readout is not None and t > self._prev_readout[0] and abs(mean) > 1e-12:
+            rate = (mean - self._prev_readout[1]) / (t - self._prev_readout[0])
+            contraction = (eps - rate) / mean
+        self._prev_readout = (t, mean)
+        record = {"contraction": contraction, "perturbation": eps}
         if self.effective is not None:
             xs = x[: self._m_k]
             sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method) if sketch is None
@@ -660,10 +692,15 @@ class GramMonitor:
         return self._loss_int[self._probe_rows.to(self._loss_int.device)], self._loss_int
 
     def _train_sample_losses(self) -> Tensor:
-        sample, out = self.train_sample, []
+        return self.loss(self._train_sample_outputs(), self.train_sample.y).detach()
+
+    def _train_sample_outputs(self) -> Tensor:
+        """Flattened eval-mode outputs on the train sample, ``(N, k)``, in chunks of 512."""
+        x, out = self.train_sample.x, []
         with torch.no_grad(), kernel.eval_mode(self.model):
-            for lo in range(0, sample.x.shape[0], 512):
-                out.append(self.loss(self.model(sample.x[lo:lo + 512]), sample.y[lo:lo + 512]).detach())
+            for lo in range(0, x.shape[0], 512):
+                chunk = self.model(x[lo:lo + 512])
+                out.append(chunk.reshape(chunk.shape[0], -1))
         return torch.cat(out)
 
     def _sub_probe_ntk(self, rates) -> Tensor:
@@ -779,6 +816,7 @@ class GramMonitor:
             "stepper": None if self._stepper is None else self._stepper.state_dict(),
             "elapsed_total": self._elapsed_total,
             "prev_readout": self._prev_readout,
+            "readouts": self._readouts,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -801,6 +839,7 @@ class GramMonitor:
             self._stepper.load_state_dict(state["stepper"])
         self._elapsed_total = state.get("elapsed_total", 0.0)
         self._prev_readout = state.get("prev_readout")
+        self._readouts = int(state.get("readouts", 0))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def detach(self) -> None:

@@ -142,6 +142,44 @@ def _diag_precond(kind: str, optimizer: torch.optim.Optimizer, group: dict, p: T
     return rect * bc2 ** 0.5 / (v.detach().sqrt() + eps)
 
 
+def _diag_response(kind: str, optimizer: torch.optim.Optimizer, group: dict, p: Tensor, ahead: bool) -> Optional[Tensor]:
+    """The factor by which the second-moment statistics damp the response of the step to a slow
+    perturbation of the gradient, as for Adam (see :func:`_whitening`): NAdam and RAdam
+    ``1 − m̂²/(√v̂(√v̂ + ε))``, Adamax ``1 − |m̂|/u``. ``None``: no such factor (RMSprop, Adagrad,
+    Adadelta keep no first moment; centered RMSprop's ``v − ḡ²`` does not move to first order)."""
+    if kind not in ("NAdam", "RAdam", "Adamax"):
+        return None
+    state = optimizer.state.get(p, {})
+    m = _adam_m(optimizer, group, p, ahead)
+    t = (int(float(state["step"])) if "step" in state else 0) + (1 if ahead else 0)
+    if m is None or t == 0:
+        return None
+    beta1, beta2, eps = float(group["betas"][0]), float(group["betas"][1]), float(group["eps"])
+    mhat = m / (1.0 - beta1 ** t)
+    if kind == "Adamax":
+        u = state.get("exp_inf")
+        if ahead:
+            g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+            wd = float(group.get("weight_decay", 0.0))
+            g = g + wd * p.detach() if wd else g
+            u = g.abs() + eps if u is None else torch.maximum(beta2 * u.detach(), g.abs() + eps)
+        return (1.0 - mhat.abs() / u).clamp(0.0, 1.0)
+    v = state.get("exp_avg_sq")
+    if ahead:
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        wd = float(group.get("weight_decay", 0.0))
+        if wd and not group.get("decoupled_weight_decay", False):
+            g = g + wd * p.detach()
+        v = (1 - beta2) * g * g if v is None else beta2 * v.detach() + (1 - beta2) * g * g
+    bc2 = 1.0 - beta2 ** t
+    if kind == "RAdam":
+        if _radam_rectification(beta2, t) is None:
+            return None              # the step is un-adapted: v does not enter
+        eps = eps / bc2 ** 0.5       # RAdam adds ε to √v, not to √v̂
+    rms = (v.detach() / bc2).sqrt()
+    return (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=1e-300)).clamp(0.0, 1.0)
+
+
 def _radam_rectification(beta2: float, t: int) -> Optional[float]:
     """RAdam's r_t at step t, or ``None`` while ρ_t ≤ 5 (the step is then un-adapted)."""
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
@@ -273,6 +311,20 @@ def _trained_groups(optimizer: torch.optim.Optimizer, model: nn.Module):
     return by_id, groups, ref
 
 
+def _adam_m(optimizer, group, p: Tensor, ahead: bool) -> Optional[Tensor]:
+    """Adam's first moment; ``ahead``: as the coming step will leave it."""
+    state = optimizer.state.get(p, {})
+    m = state.get("exp_avg")
+    beta1 = float(group["betas"][0])
+    if ahead:
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        wd = float(group.get("weight_decay", 0.0))
+        if wd and not (type(optimizer).__name__ == "AdamW" or group.get("decoupled_weight_decay", False)):
+            g = g + wd * p.detach()
+        m = g * (1 - beta1) if m is None else m.detach() * beta1 + (1 - beta1) * g
+    return None if m is None else m.detach()
+
+
 def _adam_v(optimizer, group, p: Tensor, ahead: bool) -> tuple:
     """Adam's second moment and its step count; ``ahead``: as the coming step will leave them."""
     state = optimizer.state.get(p, {})
@@ -323,14 +375,30 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
                 continue
             if kind in _DIAGONAL:
                 d = _diag_precond(kind, optimizer, group, p, ahead)
-                pre[name] = torch.full_like(p, scale) if d is None else scale * d
+                if d is None:
+                    pre[name] = torch.full_like(p, scale)
+                    continue
+                r = _diag_response(kind, optimizer, group, p, ahead)
+                pre[name] = scale * d if r is None else scale * d * r
                 continue
             v, t = _adam_v(optimizer, group, p, ahead)
             if v is None or t == 0:
                 pre[name] = torch.full_like(p, scale)
                 continue
             vhat = v / (1.0 - float(group["betas"][1]) ** t)
-            pre[name] = scale / (vhat.sqrt() + float(group["eps"]))
+            eps = float(group["eps"])
+            rms = vhat.sqrt()
+            # Adam's response 1/(√v̂ + ε) to a perturbed gradient is linear only for perturbations
+            # small against √v̂ + ε. Coordinates whose gradient has stayed below ε (a bias before a
+            # BatchNorm, a dead unit) are not moved by the loss; first-order leave-one-out leaves them.
+            pre[name] = torch.where(rms > eps, scale / (rms + eps), torch.zeros_like(rms))
+            m = _adam_m(optimizer, group, p, ahead)
+            if m is not None:
+                # A perturbation δg also moves v (δv = 2g·δg): to first order, for perturbations
+                # slower than v's average and g's mean read as m̂, Adam's response shrinks by
+                # 1 − m̂²/(√v̂(√v̂ + ε)) (THEORY §9, Adam): coherent coordinates respond less.
+                mhat = m / (1.0 - float(group["betas"][0]) ** t)
+                pre[name] = pre[name] * (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=1e-300)).clamp(0.0, 1.0)
     return None if identity else pre
 
 

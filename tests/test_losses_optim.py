@@ -5,6 +5,7 @@ a naive per-sample loop, in float64.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -71,6 +72,23 @@ def test_cross_entropy_residual_and_hessian_closed_form():
     expected = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
     torch.testing.assert_close(lam, expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(output_hessian(loss, out), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["mse", "cross_entropy"])
+def test_builtin_closed_forms_equal_autograd(name):
+    """The built-ins' closed-form r and Λ equal autograd on the same per-sample loss, also in float32."""
+    builtin = resolve_loss(name)
+    autograd_twin = dataclasses.replace(builtin, name=name + "_by_autograd")
+    for dtype in (F64, torch.float32):
+        out = 3 * torch.randn(M, K, generator=_gen(2), dtype=dtype)
+        y = (torch.randint(0, K, (M,), generator=_gen(3)) if name == "cross_entropy"
+             else torch.randn(M, K, generator=_gen(3), dtype=dtype))
+        r, lam = residual_and_hessian(builtin, out, y)
+        r_ref, lam_ref = residual_and_hessian(autograd_twin, out, y)
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r, r_ref, **tol)
+        torch.testing.assert_close(lam, lam_ref, **tol)
+        assert r.dtype == lam.dtype == dtype
 
 
 def test_custom_huber_loss_closed_form():

@@ -1225,8 +1225,23 @@ def unsketch(y: Tensor, shapes: Mapping[str, Tuple[int, ...]], s: int, *, seed: 
     ``y`` ``(c, s)`` → ``{name: (c, *shape)}``; ``⟨S y, v⟩ = ⟨y, Sᵀ v⟩`` for every ``v``."""
     out = {}
     for name, shape in shapes.items():
-        h_row, s_row, h_col, s_col = _hashes(name, tuple(shape), s, seed, y.device)
-        idx = ((h_row[:, None] + h_col[None, :]) % s).reshape(-1)
-        sign = (s_row[:, None] * s_col[None, :]).reshape(-1).to(y.dtype)
-        out[name] = (y[:, idx] * sign).reshape(y.shape[0], *shape)
+        idx, sign = _flat_hash(name, tuple(shape), s, seed, y.device)
+        out[name] = torch.index_select(y, 1, idx).mul_(sign.to(y.dtype)).reshape(y.shape[0], *shape)
     return out
+
+
+_FLAT_HASHES: Dict[tuple, Tuple[Tensor, Tensor]] = {}
+
+
+def _flat_hash(name: str, shape: Tuple[int, ...], s: int, seed: int, device) -> Tuple[Tensor, Tensor]:
+    """Bucket and sign of every flat coordinate of one parameter under :func:`_hashes` (cached:
+    a readout unsketches every parameter, and the hashes are fixed by name, shape, s and seed)."""
+    key = (name, shape, s, seed, str(device))
+    if key not in _FLAT_HASHES:
+        if len(_FLAT_HASHES) > 256:
+            _FLAT_HASHES.clear()
+        h_row, s_row, h_col, s_col = _hashes(name, shape, s, seed, device)
+        idx = ((h_row[:, None] + h_col[None, :]) % s).reshape(-1)
+        sign = (s_row[:, None] * s_col[None, :]).reshape(-1).to(torch.int8)
+        _FLAT_HASHES[key] = (idx, sign)
+    return _FLAT_HASHES[key]
