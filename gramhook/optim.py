@@ -163,7 +163,7 @@ def _diag_response(kind: str, optimizer: torch.optim.Optimizer, group: dict, p: 
             wd = float(group.get("weight_decay", 0.0))
             g = g + wd * p.detach() if wd else g
             u = g.abs() + eps if u is None else torch.maximum(beta2 * u.detach(), g.abs() + eps)
-        return (1.0 - mhat.abs() / u).clamp(0.0, 1.0)
+        return (1.0 - mhat.abs() / u.clamp(min=torch.finfo(u.dtype).tiny)).clamp(0.0, 1.0)
     v = state.get("exp_avg_sq")
     if ahead:
         g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
@@ -177,7 +177,7 @@ def _diag_response(kind: str, optimizer: torch.optim.Optimizer, group: dict, p: 
             return None              # the step is un-adapted: v does not enter
         eps = eps / bc2 ** 0.5       # RAdam adds ε to √v, not to √v̂
     rms = (v.detach() / bc2).sqrt()
-    return (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=1e-300)).clamp(0.0, 1.0)
+    return (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=torch.finfo(rms.dtype).tiny)).clamp(0.0, 1.0)
 
 
 def _radam_rectification(beta2: float, t: int) -> Optional[float]:
@@ -398,7 +398,9 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
                 # slower than v's average and g's mean read as m̂, Adam's response shrinks by
                 # 1 − m̂²/(√v̂(√v̂ + ε)) (THEORY §9, Adam): coherent coordinates respond less.
                 mhat = m / (1.0 - float(group["betas"][0]) ** t)
-                pre[name] = pre[name] * (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=1e-300)).clamp(0.0, 1.0)
+                # (tiny, not 1e-300: in float32 that is 0, and a coordinate with no gradient gave 0/0)
+                tiny = torch.finfo(rms.dtype).tiny
+                pre[name] = pre[name] * (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=tiny)).clamp(0.0, 1.0)
     return None if identity else pre
 
 
