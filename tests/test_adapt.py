@@ -27,7 +27,7 @@ def _bert(**kw):
 
 def _gpt2(cls, **kw):
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=SEQ,
-                                  num_labels=3, pad_token_id=0, **kw)
+                                  num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1, **kw)
     return getattr(transformers, cls)(cfg)
 
 
@@ -81,6 +81,11 @@ def test_kernels_on_transformer_modules_match_autograd(name):
     v = torch.randn(x.shape[0], truth.shape[2], dtype=torch.float64)
     u = kernel.tangent_outputs(model, x, v)
     assert torch.allclose(u, torch.einsum("ikd,id->ik", truth, v), atol=1e-10)
+    cot = torch.randn(x.shape[0], 1, truth.shape[1], dtype=torch.float64)
+    assert torch.allclose(kernel.vjp_rows(model, x, cot), torch.einsum("mqk,mkd->mqd", cot, truth), atol=1e-12)
+    sk = kernel.sketched_jacobian(model, x, 8192)            # unbiased, relative error ~ 1/sqrt(s)
+    est = torch.einsum("iap,jbp->iajb", sk, sk)
+    assert float((est - ntk).norm() / ntk.norm()) < 0.1
     plan = assemble.make_plan(model, x)
     handled = {full for lp in plan.layers for _, full in lp.params}
     if name.startswith("gpt2"):
