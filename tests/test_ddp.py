@@ -48,7 +48,7 @@ def _failing_at(monitor, step, real):
     return call
 
 
-FAULTS = (None, "step", "readout")
+FAULTS = (None, "step", "readout", "timed")   # "timed": every=None, rank 0's time budget decides
 
 
 def _worker(rank, port, out):
@@ -67,7 +67,7 @@ def _scenario(rank, out, fault):
     net = _model()
     ddp = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.5)
-    mon = DistributedGramMonitor(ddp, opt, probe=data, **OPTS)
+    mon = DistributedGramMonitor(ddp, opt, probe=data, **{**OPTS, **({"every": None} if fault == "timed" else {})})
     if fault == "step" and rank == 1:       # this rank's state cannot be read at step 4
         mon.monitor.perstep.fold = _failing_at(mon.monitor, 4, mon.monitor.perstep.fold)
     if fault == "readout" and rank == 0:    # the readout on src fails at step 4
@@ -120,10 +120,13 @@ def _single_process():
     return mon.history
 
 
-@pytest.mark.parametrize("fault", [None, "step", "readout"])
+@pytest.mark.parametrize("fault", [None, "step", "readout", "timed"])
 def test_ranks_agree_and_stop_together(runs, fault):
     r0, r1 = runs[fault]
     assert json.dumps(r0["history"]) == json.dumps(r1["history"])
+    if fault == "timed":          # the measured steps depend on timing; the ranks agree on them
+        assert r0["stopped"] == r1["stopped"]
+        return
     want = [0, 2, 6, 8] if fault == "readout" else [0, 2, 4, 6]   # the failed readout is skipped
     assert [h["step"] for h in r0["history"]] == want
     assert r0["stopped"] == r1["stopped"] == want[-1]
