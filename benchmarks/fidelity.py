@@ -72,6 +72,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import functools
 import math
 import statistics
 import subprocess
@@ -465,9 +466,11 @@ def md_table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+@functools.lru_cache(maxsize=None)
 def gramhook_commit() -> str:
     """``git log -1 --format=%h -- gramhook``, with ``+dirty`` when gramhook/ has local changes; the
-    import path instead when gramhook is imported from outside this tree (e.g. a clean export)."""
+    import path instead when gramhook is imported from outside this tree (e.g. a clean export).
+    Read once, at the start of the run: the code that ran is the code imported then."""
     import gramhook
 
     where = Path(gramhook.__file__).resolve().parent

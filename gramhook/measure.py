@@ -69,6 +69,24 @@ def sampled_half_hessian(hessian: Tensor, q: int, generator: Optional[torch.Gene
     return (rows * (total / q).sqrt().unsqueeze(-1)).to(hessian.dtype)
 
 
+def signed_half_hessian(hessian: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One row ``c = Σ_a sqrt(e_a) η_a v_a`` per sample, random signs ``η_a = ±1`` in Λ_b's
+    eigenbasis, ``(B, 1, k)``.
+
+    ``E[c cᵀ] = Λ`` and ``|c|² = tr Λ`` exactly, like one eigenvector drawn with probability
+    ``e_a / tr Λ`` (:func:`sampled_half_hessian`), but every eigendirection is in every row: the
+    operator ``Jᵀ c cᵀ J`` is exact along each ``J_aᵀ`` direction when the ``J`` rows are nearly
+    orthogonal, and its noise sits only in the cross terms. For a rank-one Λ (a confident softmax)
+    both are the same row; for a flat Λ (MSE: ``2I/k``) a drawn eigenvector contracts one output
+    in k, k times as hard.
+    """
+    e, v = torch.linalg.eigh(hessian.double())
+    e = e.clamp(min=0)
+    signs = torch.randint(0, 2, e.shape, generator=generator).to(e.device, e.dtype) * 2 - 1
+    rows = torch.einsum("bka,ba->bk", v, e.sqrt() * signs)
+    return rows.unsqueeze(1).to(hessian.dtype)
+
+
 def engine_jacobian(
     model: nn.Module,
     x: Tensor,

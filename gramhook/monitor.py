@@ -10,24 +10,24 @@ import contextlib
 import dataclasses
 import math
 import time
-import warnings
+import weakref
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import adapt, kernel
+from . import adapt, guard, kernel
 from .dynamics.effective_gram import EffectiveGram
 from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, perturbation_factor
 from .losses import residual_and_hessian
 from .losses import resolve_loss
 from .measure import compute_rates
-from .optim import check_optimizer, momentum_is_warm, read_optimizer, step_dt
+from .optim import check_optimizer, momentum_is_warm, over_coordinates, read_optimizer, step_dt
 from .dynamics.aggregate import effective_samples, regression_estimate
 from .capture import ProbeMatcher, StepCapture
 from .dynamics.perstep import PerStepEngine
 from .optim import whitening
-from .probe import ProbeSet, check_probe_against_model, default_probe_size, make_probe
+from .probe import ProbeSet, check_probe_against_model, check_targets, default_probe_size, make_probe
 
 __all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
 
@@ -108,6 +108,9 @@ class MonitorConfig:
             measure the diagnostics (perturbation ε̄, contraction c̄, the effective Gram matrix
             K_n and its alignment), which cost about as much again as the prediction; the
             readouts in between only read the prediction out and log NaN for them.
+        directions: per-step engine: how each contraction row's output direction is drawn,
+            ``"signs"`` (random signs over Λ's eigenvectors) or ``"eigen"`` (one eigenvector in
+            proportion to its eigenvalue); see :class:`gramhook.capture.StepCapture`.
         seed: seed of the probe choice, sketch and reference sampling (private generators).
     """
 
@@ -129,6 +132,7 @@ class MonitorConfig:
     rows: Optional[int] = None
     window: int = 32
     diagnostics_every: int = 4
+    directions: str = "signs"
     seed: int = 0
 
     def __post_init__(self):
@@ -154,11 +158,48 @@ class MonitorConfig:
             raise ValueError(f"`rows` must be None (half the batch) or a positive int (contraction rows per step), got {self.rows!r}.")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
             raise ValueError(f"`window` must be a positive int, got {self.window!r}.")
+        if self.directions not in ("signs", "eigen"):
+            raise ValueError(f"`directions` must be 'signs' or 'eigen', got {self.directions!r}.")
         if isinstance(self.diagnostics_every, bool) or not isinstance(self.diagnostics_every, int) or self.diagnostics_every < 1:
             raise ValueError(f"`diagnostics_every` must be a positive int (1: diagnostics at every readout), "
                              f"got {self.diagnostics_every!r}.")
         if self.method not in kernel.METHODS:
             raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The eager module inside a ``torch.compile`` wrapper (``OptimizedModule``), else ``model``."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
+def _trainable_names(model: nn.Module) -> tuple:
+    return tuple(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _weak_hook(monitor: "GramMonitor", method: str) -> Callable:
+    """A hook calling ``monitor.<method>`` while the monitor is alive, a no-op after; it never
+    raises into the user's loop."""
+    ref = weakref.ref(monitor)
+
+    def hook(*args, **kwargs):
+        mon = ref()
+        if mon is None:
+            return None
+        try:
+            # None, except the step pre-hook's (args, kwargs) that wrap a closure (_pre_step).
+            return getattr(mon, method)(*args, **kwargs)
+        except Exception:
+            return None
+
+    return hook
+
+
+def _check_finite(rates) -> None:
+    for name in ("outputs", "residual", "probe_jac", "ref_jac"):
+        t = getattr(rates, name, None)
+        if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"the model's {name.replace('_', ' ')} are not finite (NaN/inf)")
 
 
 def _rows_of(probe: ProbeSet, sample: ProbeSet) -> Tensor:
@@ -239,6 +280,10 @@ class GramMonitor:
             measured through :class:`gramhook.adapt.Adapted`.
         **settings: the fields of :class:`MonitorConfig`.
 
+    The hooks hold the monitor weakly: one that is no longer referenced stops measuring. Call
+    :meth:`close` (or use ``with GramMonitor(...) as monitor:``) when done; :meth:`detach` only
+    removes the hooks. Nothing raised inside a hook reaches your loop (README, "Reliability").
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -274,25 +319,43 @@ class GramMonitor:
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         check_optimizer(optimizer)
         self.config = MonitorConfig(every=every, **settings)
+        # A torch.compile'd module: the monitor's kernels run on the eager module inside it (same
+        # parameters), and the training inputs are read where the user calls, on the wrapper.
+        called = model
+        model = _uncompiled(model)
         # Keyword/dict inputs and structured outputs: measure an adapter around the model.
-        self.user_model = model
+        self.user_model = called
         probe, model = adapt.prepare(model, probe, output=output, inputs=inputs)
         if isinstance(model, adapt.Adapted):
             holdout, reference = model.convert(holdout), model.convert(reference)
         self.model, self.optimizer = model, optimizer
         self.loss = resolve_loss(loss)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                "The model has no trainable parameters (none, or all with requires_grad=False); gramhook "
+                "follows the training of parameters: attach the monitor to the model you train.")
         self.device = next(model.parameters()).device
+        cause = guard.nonfinite_cause(model)
+        if cause is not None:
+            raise ValueError(f"Cannot attach to the model: {cause}. Fix the model (or restore a finite "
+                             "checkpoint) before attaching the monitor.")
         size = self.config.probe_size or default_probe_size(self.device)
         self.probe, self.n_train = make_probe(probe, size=size, n_train=n_train, seed=self.config.seed, device=self.device)
+        if self.probe.m < 2:
+            raise ValueError(
+                f"The probe has {self.probe.m} sample; leave-one-out needs at least 2 (the other probe "
+                "samples stand in for the training set). Pass more samples: a few hundred are typical.")
         self.k = check_probe_against_model(model, self.probe, self.loss)
         self.loss = self.loss.with_out_shape(self._out_shape())
         m = self.probe.x.shape[0]
+        self._check_held(model, optimizer)
         # The same seed draws the same permutation, so the train sample contains the probe.
         self.train_sample = None
         if self.config.train_sample_size > m:
             sample, _ = make_probe(probe, size=self.config.train_sample_size, n_train=n_train,
                                    seed=self.config.seed, device=self.device)
             if sample.x.shape[0] > m:
+                check_targets(sample, self.k, self.loss, what="train sample (probe data beyond the probe)")
                 self.train_sample = sample
                 self._probe_rows = _rows_of(self.probe, sample)
         self._loss_int: Optional[Tensor] = None      # ∫ ℓ dt per train-sample row (loss_history)
@@ -345,7 +408,8 @@ class GramMonitor:
             self._stepper = StepCapture(model, optimizer, self.loss, self.probe.x, self.probe.y, self.n_train,
                                         self.perstep, sketch=None if coords == "exact" else int(coords),
                                         rows=self.config.rows, seed=self.config.seed, method=self.config.method,
-                                        matcher=self._probe_filter)
+                                        matcher=self._probe_filter, names=_trainable_names(model),
+                                        directions=self.config.directions)
         self._prev_readout = None  # (time, mean gap) of the previous per-step readout with diagnostics
         self._readouts = 0         # per-step readouts so far
         self._elapsed_total = 0.0  # flow time of the per-step engine's readouts
@@ -354,29 +418,72 @@ class GramMonitor:
         self._m_k = m_k
         self._reservoir = _Reservoir(self.config.reference_size, self.config.seed)
         self._ref_gen = torch.Generator().manual_seed(self.config.seed + 2)
-        self.sink = self._make_sink(logdir, compare_tag)
         self.history: List[Dict[str, float]] = []
         self.step = 0
         self._elapsed = 0.0
         self._monitor_seconds = 0.0
         self._step_seconds = 0.0      # per-step engine time, included in _monitor_seconds
         self._started = time.perf_counter()
-        self._reported: set = set()
+        self._failures = guard.Failures()
+        self._trainable = _trainable_names(model)
+        self._told_new = False
         self._last_gaps: Optional[Tensor] = None
         # SGD momentum builds up from an empty buffer: the first steps move less (optim.step_dt).
         self._cold_start = not momentum_is_warm(optimizer)
-        self._handles = [optimizer.register_step_post_hook(self._on_step)]
+        self._fingerprint = self._make_fingerprint()
+        sink = self._make_sink(logdir, compare_tag)  # a bad logdir fails here, before any hook
+        # Hooks hold the monitor weakly: a monitor that is no longer referenced stops measuring.
+        self._handles = [optimizer.register_step_post_hook(_weak_hook(self, "_on_step"))]
         if self._stepper is not None:
-            self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(optimizer.register_step_pre_hook(_weak_hook(self, "_pre_step")))
             self._handles.extend(self._stepper.statistics.handles)
         if self._stepper is not None or self.reference is None:
             if not isinstance(model, adapt.Adapted) or model.spec is None:
-                self._handles.append(self.user_model.register_forward_pre_hook(self._capture))
+                self._handles.append(called.register_forward_pre_hook(_weak_hook(self, "_capture")))
             else:  # the user's model is called with its own arguments: pack them like the probe
-                self._handles.append(self.user_model.register_forward_pre_hook(self._capture_call, with_kwargs=True))
+                self._handles.append(called.register_forward_pre_hook(_weak_hook(self, "_capture_call"),
+                                                                      with_kwargs=True))
+        # The first point is written at the first step: a monitor resumed by load_state_dict
+        # before training must not write a second step-0 point into the same logdir.
+        self.sink = None
         self.measure()
+        self.sink = sink
+        self._unwritten = self.history[-1] if self.history else None
+        # The budget of every=None counts from here: the step-0 readout (plans built, first calls)
+        # is a one-off cost, and charging it would starve the first part of the run of readouts.
+        self._budget_origin = (time.perf_counter(), self._monitor_seconds)
 
     # -- construction helpers -----------------------------------------------------------------
+    @staticmethod
+    def _check_held(model: nn.Module, optimizer) -> None:
+        """The optimizer must train some of the model; trainable parameters outside it are held
+        fixed (P = 0), which is said once here."""
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if not any(id(p) in held for p in model.parameters()):
+            raise ValueError(
+                "The optimizer trains none of the model's parameters: pass the optimizer built from "
+                "this model's parameters (torch.optim.SGD(model.parameters(), ...)).")
+        if outside:
+            shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
+            guard.emit(
+                f"gramhook: {len(outside)} trainable parameter(s) are not in the optimizer ({shown}); the "
+                "prediction holds them fixed. If another optimizer trains them, their motion is left "
+                "out: attach the monitor to the optimizer that trains most of the model, or set "
+                "requires_grad=False on parameters that stay frozen.", UserWarning)
+
+    def _make_fingerprint(self) -> Dict[str, object]:
+        """What a saved state must match to be loaded here (see :meth:`load_state_dict`)."""
+        c = self.config
+        return {
+            "parameters": tuple((n, tuple(p.shape)) for n, p in self.model.named_parameters() if n in self._trainable),
+            "probe": guard.digest(self.probe.x, self.probe.y),
+            "m": self.probe.m, "k": self.k, "n_train": self.n_train, "loss": self.loss.name,
+            "engine": c.engine, "coordinates": self.coordinates, "mode": c.mode, "seed": c.seed,
+            "effective_gram_size": self._m_k,
+            "train_sample": 0 if self.train_sample is None else self.train_sample.m,
+        }
+
     def _out_shape(self):
         with torch.no_grad(), kernel.eval_mode(self.model):
             return tuple(self.model(self.probe.x[:1]).shape[1:])
@@ -402,8 +509,9 @@ class GramMonitor:
     def _due(self, step: int) -> bool:
         every = self.config.every
         if every is None:
-            readouts = self._monitor_seconds - self._step_seconds
-            rest = time.perf_counter() - self._started - readouts
+            since, spent = getattr(self, "_budget_origin", (self._started, 0.0))
+            readouts = self._monitor_seconds - spent - self._step_seconds
+            rest = time.perf_counter() - since - readouts
             return readouts <= self.config.overhead * rest
         if callable(every):
             return bool(every(step))
@@ -422,7 +530,7 @@ class GramMonitor:
     # -- hooks --------------------------------------------------------------------------------
     def _capture(self, module, args):
         """Training inputs: the per-step engine's pending batch, or the periodic reservoir."""
-        if not module.training or not args or not isinstance(args[0], Tensor):
+        if not self.model.training or not args or not isinstance(args[0], Tensor):
             return
         try:
             (self._stepper.record if self._stepper is not None else self._reservoir.add)(args[0])
@@ -463,24 +571,82 @@ class GramMonitor:
 
     def _engine_step(self) -> None:
         start = time.perf_counter()
+        batch = self._stepper.pending[0] if self._stepper.pending else None
         try:
             with self._isolated():
+                if not self._failures.due("step", self.step):
+                    self._stepper.pending = []
+                    return
+                # A closure has run by now (_pre_step wraps it): the batch and gradients are this step's.
+                self._check_step(closure=False)
                 self._stepper.step()
+            self._succeeded("step")
         except Exception as exc:
             self._stepper.pending = []
-            self._report("step", exc)
+            self._report("step", self._explain(exc, batch))
         finally:
             spent = time.perf_counter() - start
             self._monitor_seconds += spent
             self._step_seconds += spent
 
+    def _check_step(self, closure: bool = False) -> None:
+        """Refuse a step the per-step engine cannot follow, naming the cause and the fix."""
+        if self.coordinates == "exact" and not self._told_new:
+            known = set(self._trainable)
+            new = [n for n in _trainable_names(self.model) if n not in known]
+            if new:
+                # Frozen since: P = 0 on them (optim.whitening). Unfrozen since: outside the coordinates.
+                self._told_new = True
+                guard.emit(
+                    f"gramhook: {len(new)} parameter(s) became trainable after the monitor was attached "
+                    f"({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}); exact coordinates were fixed "
+                    "then, so the prediction holds them fixed. Attach the monitor after unfreezing, or use "
+                    "sketched coordinates (coordinates=4096), which follow them.", UserWarning)
+        if closure:
+            self._stepper.pending = []
+            raise RuntimeError(
+                "optimizer.step(closure) runs the model inside the step, after the monitor reads the "
+                "step's batch and gradients: compute the loss and call backward() before "
+                "optimizer.step() (without a closure)")
+        if not self._stepper.pending:
+            self._stepper.step()  # keeps the momentum bookkeeping; then the step is reported
+            raise RuntimeError(
+                "no training forward of the model was seen before this optimizer step, so the step "
+                "cannot be followed: run the model in train mode (model.train()) through its own "
+                "__call__; a module torch.compile'd before the monitor was attached bypasses its hooks, "
+                "so pass the compiled module itself to GramMonitor (or attach before the first "
+                "compiled call)")
+
+    def _nonfinite(self, x: Optional[Tensor]) -> Optional[str]:
+        """What is NaN/inf (parameters, the batch ``x``, gradients), said as such: an eigensolver's
+        "failed to converge" says nothing of it. ``None`` when everything is finite."""
+        try:
+            cause = guard.nonfinite_cause(self.model, x)
+        except Exception:
+            return None
+        return None if cause is None else f"{cause}; the monitor skips until they are finite again"
+
+    def _explain(self, exc: BaseException, x: Optional[Tensor]) -> BaseException:
+        cause = self._nonfinite(x)
+        return exc if cause is None else FloatingPointError(cause)
+
     def _on_step(self, optimizer, args, kwargs):
         self.step += 1
+        if self._unwritten is not None:
+            record, self._unwritten = self._unwritten, None
+            if self.sink is not None:
+                with guard.quiet():
+                    self._write(record)
         try:
             self._elapsed += step_dt(optimizer, self.step if self._cold_start else None)
         except Exception as exc:
             self._report("dt", exc)
-        if self._due(self.step):
+        try:
+            due = self._due(self.step) and self._failures.due("measure", self.step)
+        except Exception as exc:
+            self._report("schedule", exc)
+            return
+        if due:
             self.measure()
 
     # -- measurement --------------------------------------------------------------------------
@@ -510,7 +676,7 @@ class GramMonitor:
     def _isolated(self):
         """RNG streams, grad mode and module modes are restored whatever happens."""
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with guard.quiet(), torch.random.fork_rng(devices=devices), torch.enable_grad():
             yield
 
     def _reference_batch(self):
@@ -526,10 +692,21 @@ class GramMonitor:
         return (None, None) if x is None or x.shape[0] == 0 else (x, None)
 
     def _measure(self) -> Dict[str, float]:
-        if self.perstep is not None:
-            return self._readout()
-        record = self._measure_periodic()
-        record.update(injected=math.nan, injection_simulated=math.nan)
+        try:
+            if self.perstep is not None:
+                if self._failures.failing("step"):
+                    raise RuntimeError("the per-step engine could not follow the latest training steps "
+                                       "(see the step failure reported before)")
+                record = self._readout()
+            else:
+                record = self._measure_periodic()
+                record.update(injected=math.nan, injection_simulated=math.nan)
+        except Exception as exc:
+            cause = self._nonfinite(None)
+            if cause is None:
+                raise
+            raise FloatingPointError(cause) from exc
+        self._succeeded("measure")
         return record
 
     def _readout(self) -> Dict[str, float]:
@@ -540,7 +717,8 @@ class GramMonitor:
         (the probe's residual gradients), c̄ (by finite differences between such readouts) and
         the effective Gram matrix (the first m_K probe Jacobians).
         """
-        pre = whitening(self.optimizer, self.model)
+        names = self._stepper.names  # exact coordinates: the parameters trainable at attach time
+        pre = whitening(self.optimizer, self.model, names=names)
         x, y = self.probe.x, self.probe.y
         sketch = None if self.coordinates == "exact" else int(self.coordinates)
         seed, method = self.config.seed, self.config.method
@@ -555,7 +733,8 @@ class GramMonitor:
                 raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
             out = sample_out[self._probe_rows.to(sample_out.device)]
         # u_i = J_i δ_i by forward mode: one tangent per sample, no (m, k, D) Jacobian.
-        u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre)
+        u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre,
+                                   names=names)
         gaps = self.perstep.loss_gaps(u, out, y, self.loss)
         if not torch.isfinite(gaps).all():
             raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
@@ -578,15 +757,15 @@ class GramMonitor:
         full = self._readouts % self.config.diagnostics_every == 0
         self._readouts += 1
         if full:
-            record.update(self._diagnostics(x, out, y, pre, sketch, t, mean))
+            record.update(self._diagnostics(x, out, y, pre, sketch, names, t, mean))
         return record
 
-    def _diagnostics(self, x, out, y, pre, sketch, t: float, mean: float) -> Dict[str, float]:
+    def _diagnostics(self, x, out, y, pre, sketch, names, t: float, mean: float) -> Dict[str, float]:
         """ε̄, c̄ and the effective Gram matrix's statistics at a readout."""
         seed, method = self.config.seed, self.config.method
         r, lam = residual_and_hessian(self.loss, out, y)
         grads = kernel.vjp_rows(self.model, x, r.unsqueeze(1), s=sketch, seed=seed, preconditioner=pre,
-                                method=method)[:, 0]
+                                method=method, names=names)[:, 0]
         eps = perturbation_factor(grads, None, self.n_train)
         contraction = math.nan
         if self._prev_readout is not None and t > self._prev_readout[0] and abs(mean) > 1e-12:
@@ -596,8 +775,10 @@ class GramMonitor:
         record = {"contraction": contraction, "perturbation": eps}
         if self.effective is not None:
             xs = x[: self._m_k]
-            sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method) if sketch is None
+            sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method, names=names)
+                   if sketch is None
                    else kernel.sketched_jacobian(self.model, xs, sketch, seed=seed, preconditioner=pre, method=method))
+            sub = sub.to(self.perstep.base.dtype)  # float32 for 16-bit models (no 16-bit eigensolver)
             theta = torch.einsum("iap,jbp->iajb", sub, sub)
             dt = t - getattr(self, "_k_time", t)
             self._k_time = t
@@ -609,7 +790,7 @@ class GramMonitor:
         return record
 
     def _measure_periodic(self) -> Dict[str, float]:
-        metric = read_optimizer(self.optimizer, self.model)
+        metric = over_coordinates(read_optimizer(self.optimizer, self.model), self.model, self._trainable)
         ref_x, ref_y = self._reference_batch()
         rates = compute_rates(
             self.model, self.loss, self.probe.x, self.probe.y, metric,
@@ -625,6 +806,7 @@ class GramMonitor:
             # then carries (n − 1)/(m − 1) samples, so that in run i the m − 1 others carry the
             # n − 1 others; sample i's own row is excluded whatever its weight.
             rates.probe_weight = (self.n_train - 1) / (m - 1)
+        _check_finite(rates)  # before the engine: a failed measurement must not leave NaN in its state
         # The continuous flow: across THEORY §7's checks it tracked leave-one-out better than the
         # discrete optimizer map whenever the kernel moves (tanh MLP +0.5% against +9%).
         est = self.engine.measure(self._elapsed if self.history else 0.0, rates)
@@ -705,8 +887,8 @@ class GramMonitor:
 
     def _sub_probe_ntk(self, rates) -> Tensor:
         """Θ on the first m_K probe samples from the engine's Jacobians ``(m_K, k, m_K, k)``."""
-        jac = rates.probe_jac[: self._m_k]
-        left = jac if rates.metric is None else jac * rates.metric
+        jac = rates.probe_jac[: self._m_k].to(self.engine.delta.dtype)  # float32 for 16-bit models
+        left = jac if rates.metric is None else jac * rates.metric.to(jac.dtype)
         return torch.einsum("iap,jbp->iajb", left, jac)
 
     def _shrink(self) -> None:
@@ -715,15 +897,25 @@ class GramMonitor:
         self._reservoir.capacity = self.config.reference_size
 
     def _report(self, where: str, exc: BaseException) -> None:
-        key = (where, type(exc).__name__)
-        if key in self._reported:
+        """Report a failure (each distinct one once per episode; see :class:`gramhook.guard.Failures`).
+        Never raises, also under ``-W error``."""
+        try:
+            what = {"measure": "measurement", "step": "step's update"}.get(where, "call")
+            self._tell(self._failures.failed(where, exc, self.step, what))
+        except Exception:
+            pass
+
+    def _succeeded(self, where: str) -> None:
+        self._tell(self._failures.succeeded(where, self.step))
+
+    def _tell(self, msg: Optional[str]) -> None:
+        if msg is None:
             return
-        self._reported.add(key)
-        msg = f"gramhook: {where} failed at step {self.step} ({type(exc).__name__}: {exc}); training continues, this measurement is skipped."
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        if self.sink is not None:
+        guard.emit(msg)
+        if getattr(self, "sink", None) is not None:
             try:
-                self.sink.write_text(self.step, "errors", msg)
+                with guard.quiet():
+                    self.sink.write_text(self.step, "errors", msg)
             except Exception:
                 pass
 
@@ -801,6 +993,7 @@ class GramMonitor:
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "fingerprint": dict(self._fingerprint),
             "step": self.step,
             "elapsed": self._elapsed,
             "history": [dict(h) for h in self.history],
@@ -820,6 +1013,14 @@ class GramMonitor:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`. The state is checked against this monitor (model
+        parameter shapes, probe data, ``n_train``, settings) before anything is changed.
+
+        Raises:
+            ValueError: the state comes from another model, probe or configuration.
+        """
+        self._check_state(state)
+        self._unwritten = None  # the saved run already wrote its points
         self.step = state["step"]
         self._elapsed = state["elapsed"]
         self.history = [dict(h) for h in state["history"]]
@@ -841,6 +1042,22 @@ class GramMonitor:
         self._prev_readout = state.get("prev_readout")
         self._readouts = int(state.get("readouts", 0))
 
+    def _check_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "history" not in state or "step" not in state:
+            raise ValueError("This is not a GramMonitor state: pass what GramMonitor.state_dict() returned.")
+        saved = state.get("fingerprint")
+        problems = [] if saved is None else guard.differences(saved, self._fingerprint)
+        engine = state.get("perstep") if self.perstep is not None else state.get("engine")
+        if (self.perstep is None) != (state.get("perstep") is None):
+            problems.append("engine: the state was saved with the other engine")
+        elif self.perstep is not None and tuple(engine["base"].shape) != tuple(self.perstep.base.shape):
+            problems.append(f"per-step state: saved {tuple(engine['base'].shape)}, here {tuple(self.perstep.base.shape)}")
+        if problems:
+            raise ValueError(
+                "Cannot load this monitor state: it was saved for another run (" + "; ".join(problems) + "). "
+                "Build the monitor with the same model, probe data, probe_size, seed, n_train and "
+                "settings as the run that saved it. Nothing was changed.")
+
     # -- lifecycle ------------------------------------------------------------------------------
     def detach(self) -> None:
         """Remove every hook; the monitor stops measuring. Idempotent."""
@@ -851,6 +1068,9 @@ class GramMonitor:
     def close(self) -> None:
         """Detach and close the TensorBoard sink."""
         self.detach()
+        record, self._unwritten = getattr(self, "_unwritten", None), None
+        if record is not None and self.sink is not None:
+            self._write(record)
         if self.sink is not None:
             self.sink.close()
             self.sink = None
@@ -863,6 +1083,10 @@ class GramMonitor:
 
     def __del__(self):
         try:
-            self.detach()
+            if self._handles:
+                guard.emit("gramhook: a GramMonitor was garbage-collected while attached; it stopped "
+                           "measuring. Call monitor.close() (or use `with GramMonitor(...)`) when done.",
+                           ResourceWarning)
+            self.close()
         except Exception:
             pass

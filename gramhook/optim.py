@@ -283,6 +283,21 @@ def read_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> StepMe
     )
 
 
+def over_coordinates(metric: StepMetric, model: nn.Module, names: tuple) -> StepMetric:
+    """``metric`` over the coordinates ``names`` (the parameters trainable when the monitor was
+    attached): P = 0 on those the optimizer does not train now (outside it, or frozen since), so
+    their coordinates stay and do not move."""
+    names = tuple(names)
+    if metric.names == names:
+        return metric
+    params = dict(model.named_parameters())
+    trained = set(metric.names)
+    pre = dict(metric.preconditioner) if metric.preconditioner is not None else {
+        n: torch.ones_like(params[n]) for n in names if n in trained}
+    pre.update({n: torch.zeros_like(params[n]) for n in names if n not in trained})
+    return dataclasses.replace(metric, preconditioner=pre, names=names)
+
+
 def step_dt(optimizer: torch.optim.Optimizer, steps_taken: Optional[int] = None) -> float:
     """dt of the step just taken, from the first parameter group (cheap: no state is read).
 
@@ -345,15 +360,33 @@ def _adam_v(optimizer, group, p: Tensor, ahead: bool) -> tuple:
     return v, t
 
 
-def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool = False):
+def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool = False, names=None):
     """P per trained parameter, relative to the reference group's learning rate η (the other
     groups' ``lr/η`` folded in), or ``None`` for the identity.
 
     ``ahead=True`` (in a step pre-hook, gradients set): Adam's P as the coming step will use it,
-    from the current ``v`` and gradient; otherwise from the state as it is.
+    from the current ``v`` and gradient; otherwise from the state as it is. ``names``: the
+    coordinates (default: every ``requires_grad`` parameter); P = 0 on those not trained now.
     """
     check_optimizer(optimizer)
-    return _whitening(optimizer, *_trained_groups(optimizer, model), ahead)
+    return _held_fixed(_whitening(optimizer, *_trained_groups(optimizer, model), ahead), optimizer, model, names)
+
+
+def _held_fixed(pre: Optional[Dict[str, Tensor]], optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
+    """``pre`` with P = 0 on the coordinates ``names`` (default: the ``requires_grad``
+    parameters) that the optimizer does not train now (outside it, or frozen since): they do not
+    move, and the coordinates stay (so a later ``add_param_group`` only changes P)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    coords = [n for n, p in params.items() if p.requires_grad] if names is None else list(names)
+    fixed = [n for n in coords if not (params[n].requires_grad and id(params[n]) in held)]
+    if not fixed:
+        return pre
+    if pre is None:
+        pre = {n: torch.ones_like(params[n]) for n in coords if n not in fixed}
+    pre = dict(pre)
+    pre.update({n: torch.zeros_like(params[n]) for n in fixed})
+    return pre
 
 
 def _whitening(optimizer, by_id, groups, ref, ahead: bool):
@@ -398,22 +431,23 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
                 # slower than v's average and g's mean read as m̂, Adam's response shrinks by
                 # 1 − m̂²/(√v̂(√v̂ + ε)) (THEORY §9, Adam): coherent coordinates respond less.
                 mhat = m / (1.0 - float(group["betas"][0]) ** t)
-                # (tiny, not 1e-300: in float32 that is 0, and a coordinate with no gradient gave 0/0)
-                tiny = torch.finfo(rms.dtype).tiny
-                pre[name] = pre[name] * (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=tiny)).clamp(0.0, 1.0)
+                live = rms > eps
+                denom = torch.where(live, rms * (rms + eps), torch.ones_like(rms))
+                pre[name] = torch.where(live, pre[name] * (1.0 - mhat * mhat / denom).clamp(0.0, 1.0), pre[name])
     return None if identity else pre
 
 
-def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module):
+def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
     """The :class:`gramhook.dynamics.perstep.StepRule` of the step about to be taken (call it in
-    the optimizer's step pre-hook) and the P it uses (:func:`whitening` ahead)."""
+    the optimizer's step pre-hook) and the P it uses (:func:`whitening` ahead, over ``names``)."""
     from .dynamics.perstep import StepRule
 
     kind = type(optimizer).__name__
     by_id, groups, ref = _trained_groups(optimizer, model)
     lr = float(ref["lr"])
     wd = float(ref.get("weight_decay", 0.0))
-    pre = _whitening(optimizer, by_id, groups, ref, ahead=True)
+    trained = _whitening(optimizer, by_id, groups, ref, ahead=True)
+    pre = _held_fixed(trained, optimizer, model, names)
     if kind == "SGD":
         mu = float(ref.get("momentum", 0.0))
         first = mu > 0 and not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in ref["params"])
@@ -430,8 +464,8 @@ def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module):
     decoupled = kind == "AdamW" or bool(ref.get("decoupled_weight_decay", False))
     if decoupled:
         shrink = 1.0 - lr * wd
-    elif wd and pre is not None:
-        mean_p = float(torch.cat([pre[n].reshape(-1) for n in pre]).mean())
+    elif wd and trained is not None:
+        mean_p = float(torch.cat([trained[n].reshape(-1) for n in trained]).mean())
         shrink = 1.0 - lr * wd * mean_p
     else:
         shrink = 1.0

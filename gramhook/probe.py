@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from .kernel import eval_mode
 from .losses import PerSampleLoss, Loss, per_sample_losses, resolve_loss
 
-__all__ = ["ProbeSet", "make_probe", "check_probe_against_model", "default_probe_size"]
+__all__ = ["ProbeSet", "make_probe", "check_probe_against_model", "check_targets", "default_probe_size"]
 
 Device = Union[None, str, torch.device]
 
@@ -171,6 +171,11 @@ def make_probe(
             f"n_train={n_train} is smaller than the probe (m={m}); {_FIX_N_TRAIN} (the probe is "
             "a subset of the training set), or pass a smaller size."
         )
+    if n_avail > n_train:
+        raise ValueError(
+            f"The probe data hold {n_avail} samples, more than n_train={n_train}: the probe is drawn from "
+            f"the training set, so {_FIX_N_TRAIN} and pass training samples only (a subset such as "
+            "(x_train[:256], y_train[:256]) is fine).")
 
     if isinstance(source, tuple):
         x, y = source if indices is None else (source[0][indices], source[1][indices])
@@ -293,6 +298,7 @@ def check_probe_against_model(model: nn.Module, probe: ProbeSet, loss: Union[str
     3
     """
     loss = resolve_loss(loss)
+    _check_finite_values(probe)
     b = min(2, probe.m)
     x, y = probe.x[:b], probe.y[:b]
     param = next(iter(model.parameters()), None)
@@ -321,6 +327,7 @@ def check_probe_against_model(model: nn.Module, probe: ProbeSet, loss: Union[str
             "output dimension (for one output use shape (batch, 1), not out.squeeze())."
         )
     k = math.prod(out.shape[1:])
+    check_targets(probe, k, loss)
     flat = out.reshape(b, k)
     shaped = loss.with_out_shape(out.shape[1:])
     try:
@@ -333,3 +340,49 @@ def check_probe_against_model(model: nn.Module, probe: ProbeSet, loss: Union[str
         ) from e
     per_sample_losses(shaped, flat, y)  # one value per sample, or a ValueError saying how to fix it
     return int(k)
+
+
+def _check_finite_values(probe: ProbeSet, what: str = "probe") -> None:
+    for name, t in (("inputs", probe.x), ("targets", probe.y)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            rows = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero().reshape(-1)
+            shown = rows[:5].tolist()
+            raise ValueError(
+                f"The {what} {name} hold NaN/inf values (samples {shown}{', ...' if rows.numel() > 5 else ''}); "
+                f"drop or fix those samples before attaching the monitor.")
+
+
+def check_targets(probe: ProbeSet, k: int, loss: Loss, what: str = "probe") -> None:
+    """Check every target against the loss and the model's ``k`` outputs, cheaply (no model run).
+
+    For cross-entropy the targets must be class indices ``(m,)`` in ``[0, k)``.
+
+    Raises:
+        ValueError: one-hot or fractional targets for cross-entropy, or a label out of range;
+            the message names the samples and the fix.
+    """
+    _check_finite_values(probe, what)
+    if loss.name != "cross_entropy":
+        return
+    y = probe.y
+    if y.is_floating_point() and y.dim() > 1:
+        raise ValueError(
+            f"cross_entropy needs class indices of shape (m,), but the {what} targets are floating "
+            f"point of shape {tuple(y.shape)} (one-hot vectors or class probabilities?). Pass class "
+            "indices, e.g. y.argmax(1), as torch.long.")
+    if y.dim() != 1:
+        return  # other layouts are checked by running the loss
+    if y.is_floating_point() and bool((y != y.round()).any()):
+        bad = (y != y.round()).nonzero().reshape(-1)[:5].tolist()
+        raise ValueError(
+            f"cross_entropy needs whole-number class indices, but the {what} targets {bad} are "
+            "fractional. Pass class indices as torch.long.")
+    if y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= k:
+        bad = ((y < 0) | (y >= k)).nonzero().reshape(-1)[:5].tolist()
+        raise ValueError(
+            f"The {what} labels must lie in [0, {k}) for a model with k={k} outputs, but range over "
+            f"[{lo}, {hi}] (samples {bad}). Make the model's last layer output one logit per class, "
+            "or remap the labels to 0..k-1.")

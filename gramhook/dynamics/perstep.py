@@ -235,14 +235,15 @@ class PerStepEngine:
                 scale[inj_idx.to(device)] = batch / (batch - 1)
             full = self.project(rows)                                  # (m, R): ⟨δ_i, z_r⟩
             # δg_i = Σ_r coef[i, r] z_r; with saturation the operator is Zᵀ M Z.
-            coef = full @ self._saturation(rows, rule.lr) if saturate else full.clone()
+            lr_sat = rule.lr
+            coef = full @ self._saturation(rows, lr_sat) if saturate else full.clone()
             for r in torch.nonzero(mine).squeeze(1).tolist():
                 # A probe sample that owns a row contracts with the other rows only.
                 who = int(own[r])
                 coef[who] = 0.0
                 sel = torch.cat([torch.arange(r, device=device), torch.arange(r + 1, rows.shape[0], device=device)])
                 if sel.numel():
-                    coef[who, sel] = full[who, sel] @ self._saturation(rows[sel], rule.lr) if saturate else full[who, sel]
+                    coef[who, sel] = full[who, sel] @ self._saturation(rows[sel], lr_sat) if saturate else full[who, sel]
             if scale is not None:
                 coef = coef * scale
             new_rows.append(rows)

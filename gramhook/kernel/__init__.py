@@ -242,12 +242,13 @@ def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto"
 
 @torch.enable_grad()
 def vjp_rows(model, x, cotangents, *, s=None, seed=0, preconditioner=None, method="auto",
-             memory_budget=DEFAULT_MEMORY_BUDGET):
+             memory_budget=DEFAULT_MEMORY_BUDGET, names=None):
     """Per-sample vector–Jacobian products ``P^{1/2} J_iᵀ c_{i,q}`` with ``cotangents`` ``(m, q, k)``.
 
-    ``s=None``: flat over the trainable parameters, ``(m, q, P)``; an int ``s``: in the count-sketch
-    of :func:`sketched_jacobian` (same ``seed``, same ``S``), ``(m, q, s)``. One backward per row
-    ``q`` instead of one per output.
+    ``s=None``: flat over the trainable parameters (or over ``names``, in their order, frozen ones
+    included), ``(m, q, P)``; an int ``s``: in the count-sketch of :func:`sketched_jacobian` (same
+    ``seed``, same ``S``; ``names`` is ignored), ``(m, q, s)``. One backward per row ``q`` instead
+    of one per output.
 
     >>> import torch
     >>> net = torch.nn.Linear(3, 2)
@@ -259,10 +260,11 @@ def vjp_rows(model, x, cotangents, *, s=None, seed=0, preconditioner=None, metho
         return sketched_jacobian(model, x, int(s), seed=seed, preconditioner=preconditioner, method=method,
                                  memory_budget=memory_budget, cotangents=cotangents)
     if method == "reference":
-        jac = _reference.flat_jacobian(model, x, preconditioner=preconditioner, power=0.5, memory_budget=memory_budget)
+        jac = _reference.flat_jacobian(model, x, preconditioner=preconditioner, power=0.5, names=names,
+                                       memory_budget=memory_budget)
         return torch.einsum("mqk,mkd->mqd", cotangents.to(jac.dtype), jac)
     return _fast.flat_vjp(model, x, cotangents, preconditioner=preconditioner, memory_budget=memory_budget,
-                          strict=method == "fast")
+                          strict=method == "fast", names=names)
 
 
 def flat_vector(tensors, *, s=None, seed=0, preconditioner=None):
@@ -277,18 +279,20 @@ def flat_vector(tensors, *, s=None, seed=0, preconditioner=None):
         return _fast.sketch_vectors(tensors, int(s), seed=seed, preconditioner=preconditioner)
     parts = []
     for name, t in tensors.items():
-        t = t.detach().reshape(-1)
+        t = (t.to_dense() if t.is_sparse else t).detach().reshape(-1)  # sparse gradients (Embedding(sparse=True))
         if preconditioner is not None and name in preconditioner:
             t = t * preconditioner[name].reshape(-1).to(t.dtype).sqrt()
         parts.append(t)
     return torch.cat(parts)
 
 
-def tangent_outputs(model, x, vectors, *, s=None, seed=0, preconditioner=None, memory_budget=DEFAULT_MEMORY_BUDGET):
+def tangent_outputs(model, x, vectors, *, s=None, seed=0, preconditioner=None, memory_budget=DEFAULT_MEMORY_BUDGET,
+                    names=None):
     """``J_i P^{1/2} v_i`` for one vector per sample in engine coordinates, ``(m, k)``.
 
-    ``vectors`` ``(m, D)``: flat over the trainable parameters (``s=None``) or in the count-sketch
-    of :func:`sketched_jacobian` (``D = s``; the tangent is then ``S v_i``). Equal to
+    ``vectors`` ``(m, D)``: flat over the trainable parameters (``s=None``; or over ``names``, in
+    their order) or in the count-sketch of :func:`sketched_jacobian` (``D = s``; the tangent is
+    then ``S v_i``). Equal to
     ``einsum("ikd,id->ik", J, vectors)`` with ``J`` from :func:`flat_jacobian` (power ½) or
     :func:`sketched_jacobian` (same ``seed``), at the cost of forward-mode passes over the samples
     instead of ``k`` backward passes.
@@ -298,7 +302,7 @@ def tangent_outputs(model, x, vectors, *, s=None, seed=0, preconditioner=None, m
     >>> tangent_outputs(net, torch.randn(4, 3), torch.randn(4, 8)).shape
     torch.Size([4, 2])
     """
-    params = trainable_parameters(model)
+    params = trainable_parameters(model, names if s is None else None)
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     sizes = [p.numel() for p in params.values()]
 

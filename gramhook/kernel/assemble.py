@@ -205,6 +205,28 @@ def _plan_for(model: nn.Module, x: Tensor, *, strict: bool = False) -> Plan:
         return _make_plan(model, x, trainable, candidates, strict)
 
 
+def _parameter_uses(out: Tensor) -> Counter:
+    """How many autograd edges reach each leaf tensor (by ``id``) in the graph of ``out``: 1 for
+    a parameter used once, more for one used again elsewhere (weight tying)."""
+    uses: Counter = Counter()
+    seen = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            leaf = getattr(nxt, "variable", None)
+            if leaf is not None:
+                uses[id(leaf)] += 1
+            else:
+                stack.append(nxt)
+    return uses
+
+
 def _make_plan(model, x, trainable, candidates, strict) -> Plan:
     versions: Dict[str, list] = {lp.name: [] for lp in candidates}
     replicate = False
@@ -223,6 +245,7 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
             for hd in hooks:
                 hd.remove()
     k = out.shape[1]
+    uses = _parameter_uses(out)
     layers = []
     for lp in candidates:
         calls = rec[lp.name]
@@ -233,8 +256,13 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
             continue
         if a.dim() == 0 or a.shape[0] != 2 or o.dim() == 0 or o.shape[0] != 2:
             continue
+        # A parameter that also enters the graph outside its layer's own call (a tied output
+        # projection ``h @ emb.weight.T``) gets gradient the layer's hooks never see.
+        params = tuple((loc, full) for loc, full in lp.params if uses[id(trainable[full])] <= 1)
+        if not params:
+            continue
         clone = o._version != versions[lp.name][0]
-        layers.append(dataclasses.replace(lp, clone_output=clone))
+        layers.append(dataclasses.replace(lp, params=params, clone_output=clone))
     stats: Dict[str, Tuple[int, int, int, int, bool]] = {}
     act = outn = 0
     kept = []
@@ -1213,6 +1241,7 @@ def sketch_vectors(tensors: Mapping[str, Tensor], s: int, *, seed: int = 0,
     ``P^{1/2}``-scaled vector per name, e.g. a gradient: ``{name: (*shape)}`` → ``(s,)``."""
     out = None
     for name, t in tensors.items():
+        t = t.to_dense() if t.is_sparse else t  # sparse gradients (Embedding(sparse=True))
         g = t.detach().reshape(1, 1, -1).to(acc_dtype(t.dtype))
         part = _count_sketch_dense(g, _hashes(name, tuple(t.shape), s, seed, t.device), s,
                                    _sqrt_p(preconditioner, name, g))[0, 0]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Iterator, Mapping, Optional, Sequence
+import weakref
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,27 +80,47 @@ def _single_output_fn(model: nn.Module, frozen: Mapping[str, Tensor]):
     return f
 
 
-def _per_sample(fn, in_dims):
-    """``vmap(fn, in_dims)``, or a loop over the samples when the model cannot run under vmap
-    (data-dependent control flow such as a Hugging Face attention mask's ``mask.all()``);
-    both give the same values."""
-    batched = vmap(fn, in_dims=in_dims, randomness="same")
+# Models whose forward cannot run under vmap over samples (e.g. GRU/LSTM: their hidden-state
+# initialisation writes a (1, ...) tensor in place). They loop over samples instead.
+_looped: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# Models with an op that has no forward-mode AD: their tangent outputs come from reverse mode.
+_reverse_only: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
-    def run(*args):
+
+def _is_oom(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", ())
+    return (bool(oom) and isinstance(err, oom)) or "out of memory" in str(err).lower()
+
+
+def _per_sample(model: nn.Module, fn: Callable, batched: Sequence, shared: Sequence = ()) -> object:
+    """``vmap(fn)`` over the leading dimension of ``batched`` (``shared`` passed unbatched);
+    where the model cannot run under vmap, the same function sample by sample, stacked.
+
+    ``fn(*shared, *batched_row)`` returns a tensor or a dict of tensors (one sample's result).
+    """
+    if not _looped.get(model, False):
         try:
-            return batched(*args)
-        except RuntimeError as e:
-            if "vmap" not in str(e):
+            return vmap(fn, in_dims=(None,) * len(shared) + (0,) * len(batched), randomness="same")(*shared, *batched)
+        except RuntimeError as err:
+            if _is_oom(err):
                 raise
-        n = next(torch.utils._pytree.tree_leaves(a)[0].shape[0] for a, d in zip(args, in_dims) if d == 0)
-        outs = [fn(*[a if d is None else _index(a, i) for a, d in zip(args, in_dims)]) for i in range(n)]
-        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+            try:
+                _looped[model] = True
+            except TypeError:  # pragma: no cover - not weak-referenceable
+                pass
+    n = _rows(batched[0])
+    outs = [fn(*shared, *(_row(b, i) for b in batched)) for i in range(n)]
+    if isinstance(outs[0], dict):
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+    return torch.stack(outs)
 
-    return run
+
+def _rows(b) -> int:
+    return next(iter(b.values())).shape[0] if isinstance(b, dict) else b.shape[0]
 
 
-def _index(tree, i: int):
-    return torch.utils._pytree.tree_map(lambda t: t[i], tree)
+def _row(b, i: int):
+    return {k: v[i] for k, v in b.items()} if isinstance(b, dict) else b[i]
 
 
 def output_size(model: nn.Module, x: Tensor) -> int:
@@ -130,8 +151,8 @@ def per_sample_jacobians(
         f = _single_output_fn(model, _frozen_state(model, params))
         k = output_size(model, x)
         chunk = _chunk_size(k, numel, x.element_size() if x.is_floating_point() else 4, memory_budget)
-        jac = _per_sample(jacrev(f), (None, 0))
-        parts = [jac(params, x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
+        jac = jacrev(f)
+        parts = [_per_sample(model, jac, (x[s : s + chunk],), (params,)) for s in range(0, x.shape[0], chunk)]
     return {n: torch.cat([p[n] for p in parts]) for n in params}
 
 
@@ -207,8 +228,9 @@ def per_sample_gradients(
             return loss(f(p, xi).unsqueeze(0), yi.unsqueeze(0))[0]
 
         chunk = _chunk_size(1, numel, x.element_size() if x.is_floating_point() else 4, memory_budget)
-        g = _per_sample(grad(one), (None, 0, 0))
-        parts = [g(params, x[s : s + chunk], y[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
+        g = grad(one)
+        parts = [_per_sample(model, g, (x[s : s + chunk], y[s : s + chunk]), (params,))
+                 for s in range(0, x.shape[0], chunk)]
     return {n: torch.cat([p[n] for p in parts]) for n in params}
 
 
@@ -329,8 +351,22 @@ def per_sample_jvp(
         def one(t, xi):
             return torch.func.jvp(lambda p: f(p, xi), (params,), (t,))[1]
 
+        def by_jacobians(t, xi):  # reverse mode, for ops without forward AD (CPU mkldnn LSTM)
+            jac = jacrev(f)(params, xi)                                   # {name: (k, *shape)}
+            return sum(torch.einsum("kp,p->k", jac[n].flatten(1), t[n].reshape(-1)) for n in params)
+
         outs = []
         for lo in range(0, x.shape[0], chunk):
             hi = min(lo + chunk, x.shape[0])
-            outs.append(_per_sample(one, (0, 0))(tangent(lo, hi), x[lo:hi]))
+            t, xs = tangent(lo, hi), x[lo:hi]
+            if not _reverse_only.get(model, False):
+                try:
+                    outs.append(_per_sample(model, one, (t, xs)))
+                    continue
+                except NotImplementedError:
+                    try:
+                        _reverse_only[model] = True
+                    except TypeError:  # pragma: no cover - not weak-referenceable
+                        pass
+            outs.append(_per_sample(model, by_jacobians, (t, xs)))
         return torch.cat(outs)
