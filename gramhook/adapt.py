@@ -286,8 +286,12 @@ def prepare(model: nn.Module, probe: Any, *, output: OutputSelector = None,
     (torch.Size([4, 3]), 'Adapted')
     """
     data = probe.dataset if isinstance(probe, DataLoader) else probe
+    # Several inputs: a dict, or a tuple of tensors (a nested list of numbers is no such thing:
+    # make_probe says how to convert it).
+    several = lambda x: isinstance(x, Mapping) or (
+        isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x))
     if isinstance(data, Mapping) or (isinstance(data, (tuple, list)) and (callable(inputs) or (
-            len(data) == 2 and isinstance(data[0], (Mapping, tuple, list))))):
+            len(data) == 2 and several(data[0])))):
         x, y = split_item(data, inputs)
         if isinstance(x, Tensor):
             return (x, y), Adapted(model, None, output)
