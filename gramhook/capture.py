@@ -173,6 +173,7 @@ class StepCapture:
         self.recognised = 0          # probe samples recognised in training batches so far
         self.batch_rows = 0          # training rows seen so far
         self.simulate = False
+        self.world = 1               # data-parallel replicas: .grad averages world·B samples
         self.statistics = BatchStatistics(model)
 
     @property
@@ -248,11 +249,11 @@ class StepCapture:
             names = self.names if self.names is not None else [n for n, p in params.items() if p.requires_grad]
             grads = {n: (params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])) for n in names}
             mean = kernel.flat_vector(grads, s=self.sketch, seed=self.seed, preconditioner=pre).to(vec.dtype)
-            inj = (mean.unsqueeze(0) - vec[R:]) / (B - 1)
+            inj = (mean.unsqueeze(0) - vec[R:]) / (B * self.world - 1)
         # Nothing non-finite may enter the engine's state: it would stay there after the cause is gone.
         if not bool(torch.isfinite(vec).all()) or (inj is not None and not bool(torch.isfinite(inj).all())):
             raise FloatingPointError("the gradients of this training step are not finite (NaN/inf)")
-        self.engine.step(rule, rows, owner[sub], ids if inject else None, inj, batch=B, saturate=R < B)
+        self.engine.step(rule, rows, owner[sub], ids if inject else None, inj, batch=B * self.world, saturate=R < B)
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state(), "recognised": self.recognised, "batch_rows": self.batch_rows,

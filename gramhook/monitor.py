@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import guard, kernel
+from . import adapt, guard, kernel
 from .dynamics.effective_gram import EffectiveGram
 from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, perturbation_factor
 from .losses import residual_and_hessian
@@ -187,10 +187,10 @@ def _weak_hook(monitor: "GramMonitor", method: str) -> Callable:
         if mon is None:
             return None
         try:
-            getattr(mon, method)(*args, **kwargs)
+            # None, except the step pre-hook's (args, kwargs) that wrap a closure (_pre_step).
+            return getattr(mon, method)(*args, **kwargs)
         except Exception:
-            pass
-        return None
+            return None
 
     return hook
 
@@ -254,8 +254,11 @@ class GramMonitor:
     """Predict the test loss of a model while it trains, from the empirical NTK on a probe.
 
     Args:
-        model: the model being trained; its forward takes one tensor of inputs.
-        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` training ``model``.
+        model: the model being trained; ``model(x)`` with one tensor, or keyword/positional tensors
+            (dict samples) returning a tensor, a dict, a tuple or a ``ModelOutput``.
+        optimizer: a ``torch.optim`` optimizer of :data:`gramhook.optim.SUPPORTED_OPTIMIZERS` (SGD,
+            Adam, AdamW, RMSprop, Adagrad, Adadelta, Adamax, NAdam, RAdam; foreach/fused too)
+            training ``model``.
         probe: ``(x, y)`` tensors, a ``Dataset`` or a ``DataLoader`` of *training* samples; a
             fixed subset of ``probe_size`` samples is drawn once, deterministically.
         n_train: size of the training set (inferred from a Dataset/DataLoader probe).
@@ -268,6 +271,13 @@ class GramMonitor:
             pre-hook active while ``model.training`` is true) into a bounded reservoir of cloned
             rows, emptied at every measurement.
         compare_tag: the TensorBoard tag of your measured test loss, drawn beside the prediction.
+        output: which part of a structured model output is the prediction: a key (dict,
+            ``ModelOutput``), an index (tuple) or a callable; by default the output itself if it
+            is a tensor, else ``logits``, else the first tensor (:func:`gramhook.adapt.select_output`).
+        inputs: for dict samples, the keys that go to the model as keywords (default: all but the
+            label key, one of :data:`gramhook.adapt.LABEL_KEYS`), or a callable
+            ``sample -> (model_inputs, target)``. Models taking several tensors or keywords are
+            measured through :class:`gramhook.adapt.Adapted`.
         **settings: the fields of :class:`MonitorConfig`.
 
     The hooks hold the monitor weakly: one that is no longer referenced stops measuring. Call
@@ -299,6 +309,8 @@ class GramMonitor:
         holdout=None,
         reference=None,
         compare_tag: Optional[str] = None,
+        output=None,
+        inputs=None,
         **settings,
     ):
         if not isinstance(model, nn.Module):
@@ -311,6 +323,11 @@ class GramMonitor:
         # parameters), and the training inputs are read where the user calls, on the wrapper.
         called = model
         model = _uncompiled(model)
+        # Keyword/dict inputs and structured outputs: measure an adapter around the model.
+        self.user_model = called
+        probe, model = adapt.prepare(model, probe, output=output, inputs=inputs)
+        if isinstance(model, adapt.Adapted):
+            holdout, reference = model.convert(holdout), model.convert(reference)
         self.model, self.optimizer = model, optimizer
         self.loss = resolve_loss(loss)
         if not any(p.requires_grad for p in model.parameters()):
@@ -421,7 +438,11 @@ class GramMonitor:
             self._handles.append(optimizer.register_step_pre_hook(_weak_hook(self, "_pre_step")))
             self._handles.extend(self._stepper.statistics.handles)
         if self._stepper is not None or self.reference is None:
-            self._handles.append(called.register_forward_pre_hook(_weak_hook(self, "_capture")))
+            if not isinstance(model, adapt.Adapted) or model.spec is None:
+                self._handles.append(called.register_forward_pre_hook(_weak_hook(self, "_capture")))
+            else:  # the user's model is called with its own arguments: pack them like the probe
+                self._handles.append(called.register_forward_pre_hook(_weak_hook(self, "_capture_call"),
+                                                                      with_kwargs=True))
         # The first point is written at the first step: a monitor resumed by load_state_dict
         # before training must not write a second step-0 point into the same logdir.
         self.sink = None
@@ -516,7 +537,39 @@ class GramMonitor:
         except Exception as exc:  # never break the user's forward
             self._report("capture", exc)
 
+    def _capture_call(self, module, args, kwargs):
+        """:meth:`_capture` for a model called with several tensors or keywords: packed like the probe."""
+        if not module.training:
+            return
+        try:
+            packed = self.model.spec.pack_call(args, kwargs)
+        except Exception as exc:
+            self._report("capture", exc)
+            return
+        if packed is not None:
+            self._capture(module, (packed,))
+
     def _pre_step(self, optimizer, args, kwargs):
+        # optimizer.step(closure) (Lightning, LBFGS-style loops) runs forward and backward inside
+        # the step, after this hook: the engine step then follows the closure.
+        # ``args`` starts with the optimizer itself.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure):
+            done = []
+
+            def after_closure():
+                loss = closure()
+                if not done:  # a closure evaluated again (line search) is not another step
+                    done.append(True)
+                    self._engine_step()
+                return loss
+            if "closure" in kwargs:
+                return tuple(args), {**kwargs, "closure": after_closure}
+            return (args[0], after_closure) + tuple(args[2:]), dict(kwargs)
+        self._engine_step()
+        return None
+
+    def _engine_step(self) -> None:
         start = time.perf_counter()
         batch = self._stepper.pending[0] if self._stepper.pending else None
         try:
@@ -524,8 +577,8 @@ class GramMonitor:
                 if not self._failures.due("step", self.step):
                     self._stepper.pending = []
                     return
-                # args holds the optimizer itself, then step's own arguments.
-                self._check_step(closure=len(args) > 1 or kwargs.get("closure") is not None)
+                # A closure has run by now (_pre_step wraps it): the batch and gradients are this step's.
+                self._check_step(closure=False)
                 self._stepper.step()
             self._succeeded("step")
         except Exception as exc:

@@ -9,6 +9,21 @@ Training is read as the flow ``ẇ = −P ∇L_S(w) − λ w``; every optimizer 
   ``v̂ = v/(1−β₂^t)`` (``max_exp_avg_sq`` with amsgrad). Decoupled decay (AdamW) has rate λ; coupled
   decay (Adam's ``weight_decay``) has rate ``λ·P``.
 
+The other diagonal preconditioners, read from their state the same way (``t`` the step count,
+``g`` the gradient, ``λ`` a coupled decay that joins the gradient):
+
+- RMSprop: ``P = 1/(sqrt(v − ḡ²·[centered]) + eps)``; momentum μ is heavy-ball on ``P g``
+  (``dt = lr/(1−μ)``).
+- Adagrad: ``P = 1/(sqrt(Σ g²) + eps)``, ``dt = lr/(1 + (t−1)·lr_decay)``.
+- Adadelta: ``P = sqrt(u + eps)/sqrt(v + eps)`` (u the running mean of squared updates).
+- Adamax: ``P = 1/u`` with ``u = max(β₂ u, |g| + eps)``; Adam's bias-corrected first moment.
+- NAdam: Adam's P; the step mixes the new first moment and the gradient (momentum decay ψ).
+- RAdam: ``P = r_t·sqrt(1−β₂^t)/(sqrt(v)+eps)`` with the rectification r_t while ρ_t > 5, else
+  ``P = 1`` (SGD with momentum).
+
+The perturbation of P itself by a left-out sample is neglected, as for Adam. fused/foreach
+variants keep the same state, so they are read the same way.
+
 Parameter groups with different learning rates are folded into P: dt is the step of the first
 group with a positive learning rate, and another group's P is scaled by its step over dt (a
 group frozen by lr = 0 gets P = 0).
@@ -23,7 +38,9 @@ from torch import Tensor, nn
 
 __all__ = ["StepMetric", "read_optimizer", "check_optimizer", "step_dt", "SUPPORTED_OPTIMIZERS"]
 
-SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
+SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam")
+# Optimizers whose P is read by _diag_precond (the others: SGD, P = I; Adam/AdamW, _adam_v).
+_DIAGONAL = ("RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +76,130 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
             raise ValueError("gramhook does not support maximize=True: the gap engine assumes descent.")
 
 
+def _diag_precond(kind: str, optimizer: torch.optim.Optimizer, group: dict, p: Tensor, ahead: bool) -> Optional[Tensor]:
+    """P of RMSprop, Adagrad, Adadelta, Adamax, NAdam or RAdam for ``p`` (see the module docstring),
+    or ``None`` before the first step (no statistics yet). ``ahead``: as the coming step will
+    use it, from the state and the current gradient; else from the state as it is."""
+    state = optimizer.state.get(p, {})
+    eps = float(group["eps"])
+    g = None
+    if ahead:
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        wd = float(group.get("weight_decay", 0.0))
+        if wd and not group.get("decoupled_weight_decay", False):
+            g = g + wd * p.detach()
+    t = int(float(state["step"])) if "step" in state else 0
+    if kind == "RMSprop":
+        alpha = float(group["alpha"])
+        v, mean = state.get("square_avg"), state.get("grad_avg")
+        if ahead:
+            v = (1 - alpha) * g * g if v is None else alpha * v.detach() + (1 - alpha) * g * g
+            if group.get("centered", False):
+                mean = (1 - alpha) * g if mean is None else alpha * mean.detach() + (1 - alpha) * g
+        if v is None:
+            return None
+        if group.get("centered", False) and mean is not None:
+            v = v - mean * mean
+        return 1.0 / (v.clamp(min=0).sqrt() + eps)
+    if kind == "Adagrad":
+        total = state.get("sum")
+        if total is None:
+            return None
+        total = total.detach() + g * g if ahead else total.detach()
+        return 1.0 / (total.sqrt() + eps)
+    if kind == "Adadelta":
+        rho = float(group["rho"])
+        v, u = state.get("square_avg"), state.get("acc_delta")
+        if ahead:
+            v = (1 - rho) * g * g if v is None else rho * v.detach() + (1 - rho) * g * g
+            u = torch.zeros_like(p) if u is None else u.detach()
+        if v is None:
+            return None
+        return (u.detach() + eps).sqrt() / (v.detach() + eps).sqrt()
+    if kind == "Adamax":
+        beta2 = float(group["betas"][1])
+        u = state.get("exp_inf")
+        if ahead:
+            cur = g.abs() + eps
+            u = cur if u is None else torch.maximum(beta2 * u.detach(), cur)
+        if u is None:
+            return None
+        return 1.0 / u.detach()
+    # NAdam and RAdam keep Adam's second moment.
+    beta2 = float(group["betas"][1])
+    v = state.get("exp_avg_sq")
+    if ahead:
+        v = (1 - beta2) * g * g if v is None else beta2 * v.detach() + (1 - beta2) * g * g
+        t += 1
+    if v is None or t == 0:
+        return None
+    bc2 = 1.0 - beta2 ** t
+    if kind == "NAdam":
+        return 1.0 / ((v.detach() / bc2).sqrt() + eps)
+    rect = _radam_rectification(beta2, t)
+    if rect is None:
+        return torch.ones_like(p)
+    return rect * bc2 ** 0.5 / (v.detach().sqrt() + eps)
+
+
+def _diag_response(kind: str, optimizer: torch.optim.Optimizer, group: dict, p: Tensor, ahead: bool) -> Optional[Tensor]:
+    """The factor by which the second-moment statistics damp the response of the step to a slow
+    perturbation of the gradient, as for Adam (see :func:`_whitening`): NAdam and RAdam
+    ``1 − m̂²/(√v̂(√v̂ + ε))``, Adamax ``1 − |m̂|/u``. ``None``: no such factor (RMSprop, Adagrad,
+    Adadelta keep no first moment; centered RMSprop's ``v − ḡ²`` does not move to first order)."""
+    if kind not in ("NAdam", "RAdam", "Adamax"):
+        return None
+    state = optimizer.state.get(p, {})
+    m = _adam_m(optimizer, group, p, ahead)
+    t = (int(float(state["step"])) if "step" in state else 0) + (1 if ahead else 0)
+    if m is None or t == 0:
+        return None
+    beta1, beta2, eps = float(group["betas"][0]), float(group["betas"][1]), float(group["eps"])
+    mhat = m / (1.0 - beta1 ** t)
+    if kind == "Adamax":
+        u = state.get("exp_inf")
+        if ahead:
+            g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+            wd = float(group.get("weight_decay", 0.0))
+            g = g + wd * p.detach() if wd else g
+            u = g.abs() + eps if u is None else torch.maximum(beta2 * u.detach(), g.abs() + eps)
+        return (1.0 - mhat.abs() / u.clamp(min=torch.finfo(u.dtype).tiny)).clamp(0.0, 1.0)
+    v = state.get("exp_avg_sq")
+    if ahead:
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        wd = float(group.get("weight_decay", 0.0))
+        if wd and not group.get("decoupled_weight_decay", False):
+            g = g + wd * p.detach()
+        v = (1 - beta2) * g * g if v is None else beta2 * v.detach() + (1 - beta2) * g * g
+    bc2 = 1.0 - beta2 ** t
+    if kind == "RAdam":
+        if _radam_rectification(beta2, t) is None:
+            return None              # the step is un-adapted: v does not enter
+        eps = eps / bc2 ** 0.5       # RAdam adds ε to √v, not to √v̂
+    rms = (v.detach() / bc2).sqrt()
+    return (1.0 - mhat * mhat / (rms * (rms + eps)).clamp(min=torch.finfo(rms.dtype).tiny)).clamp(0.0, 1.0)
+
+
+def _radam_rectification(beta2: float, t: int) -> Optional[float]:
+    """RAdam's r_t at step t, or ``None`` while ρ_t ≤ 5 (the step is then un-adapted)."""
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * t * beta2 ** t / (1.0 - beta2 ** t)
+    if rho_t <= 5.0:
+        return None
+    return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+
+
+def _nadam_weights(group: dict, state: dict) -> tuple:
+    """NAdam's step ``lr·(c_m·m + c_g·g)·P`` at the coming step: ``(c_m, c_g)``."""
+    beta1 = float(group["betas"][0])
+    psi = float(group.get("momentum_decay", 4e-3))
+    t = (int(float(state["step"])) if "step" in state else 0) + 1
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+    prod = float(state.get("mu_product", 1.0)) * mu
+    return mu_next / (1.0 - prod * mu_next), (1.0 - mu) / (1.0 - prod)
+
+
 def _group_step(kind: str, group: dict, steps_taken: Optional[int] = None) -> float:
     """Flow time of one step: the multiple of the gradient it moves the weights by.
 
@@ -68,7 +209,7 @@ def _group_step(kind: str, group: dict, steps_taken: Optional[int] = None) -> fl
     moves ``lr·b_j``, or ``lr·(1 + μ·b_j)`` with Nesterov. ``steps_taken=None``: the warm limit.
     """
     lr = float(group["lr"])
-    if kind == "SGD":
+    if kind in ("SGD", "RMSprop"):
         mu = float(group.get("momentum", 0.0))
         damp = float(group.get("dampening", 0.0))
         if mu <= 0:
@@ -125,7 +266,11 @@ def read_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> StepMe
                 if wd:
                     decay[name] = wd * scale
             else:
-                pre = _adam_precond(optimizer, group, p) * scale
+                if kind in _DIAGONAL:
+                    pre = _diag_precond(kind, optimizer, group, p, ahead=False)
+                    pre = (torch.ones_like(p) if pre is None else pre) * scale
+                else:
+                    pre = _adam_precond(optimizer, group, p) * scale
                 precond[name] = pre
                 if wd:
                     # AdamW: w ← w − lr·λ·w, i.e. rate λ·(group lr / dt); Adam: λ w joins the gradient.
@@ -163,7 +308,7 @@ def step_dt(optimizer: torch.optim.Optimizer, steps_taken: Optional[int] = None)
 
 
 def momentum_is_warm(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether an SGD optimizer already holds momentum buffers (a resumed or used optimizer)."""
+    """Whether an SGD (or RMSprop) optimizer already holds momentum buffers (a resumed or used optimizer)."""
     return any(state.get("momentum_buffer") is not None for state in optimizer.state.values())
 
 
@@ -261,6 +406,14 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
             if kind == "SGD":
                 pre[name] = torch.full_like(p, scale)
                 continue
+            if kind in _DIAGONAL:
+                d = _diag_precond(kind, optimizer, group, p, ahead)
+                if d is None:
+                    pre[name] = torch.full_like(p, scale)
+                    continue
+                r = _diag_response(kind, optimizer, group, p, ahead)
+                pre[name] = scale * d if r is None else scale * d * r
+                continue
             v, t = _adam_v(optimizer, group, p, ahead)
             if v is None or t == 0:
                 pre[name] = torch.full_like(p, scale)
@@ -303,6 +456,8 @@ def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
         rule = StepRule("sgd", lr=lr, momentum=mu, dampening=float(ref.get("dampening", 0.0)),
                         nesterov=bool(ref.get("nesterov", False)), first=first, shrink=1.0 - lr * wd * amp)
         return rule, pre
+    if kind in _DIAGONAL:
+        return _diagonal_rule(kind, optimizer, ref, by_id, pre, lr, wd), pre
     beta1 = float(ref["betas"][0])
     p0 = next(p for p in ref["params"] if id(p) in by_id)
     t = (int(float(optimizer.state[p0]["step"])) if "step" in optimizer.state.get(p0, {}) else 0) + 1
@@ -315,3 +470,40 @@ def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
     else:
         shrink = 1.0
     return StepRule("adam", lr=lr, momentum=beta1, bias_correction=1.0 / (1.0 - beta1 ** t), shrink=shrink), pre
+
+
+def _diagonal_rule(kind: str, optimizer, ref: dict, by_id: dict, pre, lr: float, wd: float):
+    """The :class:`gramhook.dynamics.perstep.StepRule` of RMSprop, Adagrad, Adadelta, Adamax,
+    NAdam or RAdam for the coming step (P, ``pre``, is read separately)."""
+    from .dynamics.perstep import StepRule
+
+    p0 = next(p for p in ref["params"] if id(p) in by_id)
+    state = optimizer.state.get(p0, {})
+    t = (int(float(state["step"])) if "step" in state else 0) + 1
+    decoupled = bool(ref.get("decoupled_weight_decay", False))
+    mean_p = float(torch.cat([pre[n].reshape(-1) for n in pre]).mean()) if pre is not None else 1.0
+
+    def shrink(step: float, amp: float = 1.0) -> float:
+        # Decoupled decay shrinks by the step; coupled decay joins the gradient, so it is weighted
+        # by P (its mean) and amplified by the momentum buffer like the gradient.
+        if not wd:
+            return 1.0
+        return 1.0 - step * wd if decoupled else 1.0 - step * wd * mean_p * amp
+
+    if kind == "RMSprop":
+        mu = float(ref.get("momentum", 0.0))
+        first = mu > 0 and not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None
+                                   for p in ref["params"])
+        amp = 1.0 if (mu <= 0 or first) else 1.0 / (1.0 - mu)
+        return StepRule("sgd", lr=lr, momentum=mu, first=first, shrink=shrink(lr, amp))
+    if kind == "Adagrad":
+        clr = lr / (1.0 + (t - 1) * float(ref.get("lr_decay", 0.0)))
+        return StepRule("sgd", lr=clr, shrink=shrink(clr))
+    if kind == "Adadelta":
+        return StepRule("sgd", lr=lr, shrink=shrink(lr))
+    beta1 = float(ref["betas"][0])
+    if kind == "NAdam":
+        c_m, c_g = _nadam_weights(ref, state)
+        return StepRule("nadam", lr=lr, momentum=beta1, bias_correction=c_m, grad_weight=c_g, shrink=shrink(lr))
+    # Adamax and RAdam: Adam's bias-corrected first moment.
+    return StepRule("adam", lr=lr, momentum=beta1, bias_correction=1.0 / (1.0 - beta1 ** t), shrink=shrink(lr))

@@ -358,14 +358,14 @@ def test_adam_param_groups_scale_the_preconditioner():
         torch.testing.assert_close(metric.preconditioner[n], scale * _adam_pre(opt, p), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("cls", [torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adamax])
+@pytest.mark.parametrize("cls", [torch.optim.Rprop, torch.optim.ASGD, torch.optim.LBFGS])
 def test_unsupported_optimizer_raises_listing_supported(cls):
     model = _linear_model()
     with pytest.raises(TypeError, match=cls.__name__) as info:
         read_optimizer(cls(model.parameters(), lr=1e-3), model)
     for name in SUPPORTED_OPTIMIZERS:
         assert name in str(info.value)
-    assert SUPPORTED_OPTIMIZERS == ("SGD", "Adam", "AdamW")
+    assert SUPPORTED_OPTIMIZERS == ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam")
 
 
 def test_maximize_and_foreign_optimizer_raise():

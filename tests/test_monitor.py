@@ -264,8 +264,8 @@ def test_bad_configuration_fails_at_construction(kwargs, error, match):
 
 def test_unsupported_optimizer_is_rejected():
     model = _model()
-    opt = torch.optim.RMSprop(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="SGD, Adam, AdamW"):
+    opt = torch.optim.Rprop(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="SGD, Adam, AdamW, RMSprop"):
         GramMonitor(model, opt, probe=_data(), n_train=N)
 
 

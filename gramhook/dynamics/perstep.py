@@ -45,13 +45,15 @@ class StepRule:
     """How one optimizer step moves the weights, read from the optimizer at that step.
 
     Attributes:
-        kind: ``"sgd"`` or ``"adam"``.
+        kind: ``"sgd"``, ``"adam"`` or ``"nadam"`` (Adam's first moment; the step mixes it with
+            the gradient: ``bias_correction·ν + grad_weight·δg``).
         lr: η, the first trained group's learning rate (other groups are folded into P).
         momentum: μ (SGD) or β₁ (Adam).
         dampening: SGD's dampening d.
         nesterov: SGD's Nesterov flag.
         first: SGD: the momentum buffer is empty before this step (torch then sets buf = g).
-        bias_correction: Adam's ``1/(1 − β₁^t)`` at this step.
+        bias_correction: Adam's ``1/(1 − β₁^t)`` at this step; NAdam's weight of the first moment.
+        grad_weight: NAdam's weight of this step's gradient in its update.
         shrink: σ, the multiplicative decay of the weights this step: ``1 − η·λ`` for decoupled
             weight decay; coupled decay is folded in as ``1 − η·λ/(1 − μ)``.
     """
@@ -64,15 +66,16 @@ class StepRule:
     first: bool = False
     bias_correction: float = 1.0
     shrink: float = 1.0
+    grad_weight: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in ("sgd", "adam"):
-            raise ValueError(f"kind must be 'sgd' or 'adam', got {self.kind!r}")
+        if self.kind not in ("sgd", "adam", "nadam"):
+            raise ValueError(f"kind must be 'sgd', 'adam' or 'nadam', got {self.kind!r}")
 
     @property
     def inflow(self) -> float:
         """Weight of this step's δg in the buffer (``a`` of the new entry)."""
-        if self.kind == "adam":
+        if self.kind in ("adam", "nadam"):
             return 1.0 - self.momentum
         return 1.0 if (self.first or self.momentum == 0) else 1.0 - self.dampening
 
@@ -81,6 +84,8 @@ class StepRule:
         (after this step's decay and inflow) and ``new`` (1 for this step's entry)."""
         if self.kind == "adam":
             return self.bias_correction * a
+        if self.kind == "nadam":
+            return self.bias_correction * a + self.grad_weight * new
         if self.momentum == 0:
             return new
         return self.momentum * a + new if self.nesterov else a

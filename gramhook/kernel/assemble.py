@@ -238,7 +238,9 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
             hooks.append(lp.module.register_forward_hook(post))
         try:
             with torch.enable_grad():
-                out = model(x[:1]).reshape(1, -1)
+                # Two samples: a layer whose input does not carry the batch (an embedding of
+                # position ids shaped (1, T), broadcast later) is left to the reference path.
+                out = model(torch.cat([x[:1], x[:1]]))[:1].reshape(1, -1)
         finally:
             for hd in hooks:
                 hd.remove()
@@ -251,6 +253,8 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
             continue
         a, o = calls[0]
         if not isinstance(a, Tensor) or not isinstance(o, Tensor) or not o.requires_grad:
+            continue
+        if a.dim() == 0 or a.shape[0] != 2 or o.dim() == 0 or o.shape[0] != 2:
             continue
         # A parameter that also enters the graph outside its layer's own call (a tied output
         # projection ``h @ emb.weight.T``) gets gradient the layer's hooks never see.
@@ -274,10 +278,10 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
         replicate = any("batching rule" in str(w.message) for w in caught)
     for lp in layers:
         a, o = rec[lp.name][0]
-        act += a.numel() + o.numel()
-        outn += o.numel()
+        act += a[:1].numel() + o[:1].numel()
+        outn += o[:1].numel()
         # Shapes only: the handler on a zero output-gradient.
-        parts = lp.handler.fn(lp.module, a.detach(), torch.zeros((1, 1) + tuple(o.shape[1:]), dtype=o.dtype, device=o.device))
+        parts = lp.handler.fn(lp.module, a[:1].detach(), torch.zeros((1, 1) + tuple(o.shape[1:]), dtype=o.dtype, device=o.device))
         params = tuple((loc, full) for loc, full in lp.params if loc in parts)
         if params:
             kept.append(dataclasses.replace(lp, params=params))

@@ -136,9 +136,16 @@ def register(*types: Type[nn.Module], supports: Optional[Callable[[nn.Module], b
     return deco
 
 
+# Handlers of layer types from optional packages, keyed by ``module.qualname`` so that the
+# package is never imported here.
+REGISTRY_BY_NAME: Dict[str, LayerHandler] = {}
+
+
 def handler_for(layer: nn.Module) -> Optional[LayerHandler]:
     """The handler of ``layer``'s exact type if it supports this configuration, else ``None``."""
     h = REGISTRY.get(type(layer))
+    if h is None:
+        h = REGISTRY_BY_NAME.get(f"{type(layer).__module__}.{type(layer).__qualname__}")
     return h if h is not None and h.supports(layer) else None
 
 
@@ -258,3 +265,20 @@ def groupnorm(layer: nn.GroupNorm, a: Tensor, b: Tensor) -> Dict[str, Contributi
     dt = acc_dtype(b.dtype)
     xhat = F.group_norm(a.to(dt), layer.num_groups, eps=layer.eps)
     return _affine(b.to(dt), xhat, (2,), layer.weight is not None, layer.bias is not None)
+
+
+def hf_conv1d(layer: nn.Module, a: Tensor, b: Tensor) -> Dict[str, Contribution]:
+    """Hugging Face ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` of shape ``(d_in, d_out)``, the
+    transpose of Linear's, on ``(c, *, d_in)``; per-sample ``∂/∂W = Σ_t a_t b_tᵀ`` ``(c, q, d_in, d_out)``."""
+    dt = acc_dtype(b.dtype)
+    c, q = b.shape[:2]
+    d_in, d_out = layer.weight.shape
+    aa = a.to(dt).reshape(c, -1, d_in)                       # (c, T, d_in)
+    bb = b.to(dt).reshape(c, q, -1, d_out)                   # (c, q, T, d_out)
+    out: Dict[str, Contribution] = {"weight": Dense(torch.einsum("cti,cqto->cqio", aa, bb))}
+    if getattr(layer, "bias", None) is not None:
+        out["bias"] = Dense(bb.sum(dim=2))
+    return out
+
+
+REGISTRY_BY_NAME["transformers.pytorch_utils.Conv1D"] = LayerHandler(hf_conv1d)

@@ -1,1 +1,0 @@
-"""Framework adapters (Lightning, Hugging Face Trainer). Never imported by the package root."""
