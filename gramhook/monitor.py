@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import guard, kernel
+from . import guard, insight, kernel
 from .dynamics.effective_gram import EffectiveGram
 from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, perturbation_factor
 from .losses import residual_and_hessian
@@ -36,7 +36,7 @@ HISTORY_KEYS = (
     "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
     "effective_gram_gap", "monitor_seconds", "overhead", "probe_train_loss", "probe_gap", "gap_slope",
     "loss_history_slope", "gap_effective_samples", "sketch_extrapolation", "injected", "injection_simulated",
-)
+) + insight.INSIGHT_KEYS
 
 Schedule = Union[int, Callable[[int], bool], None]
 
@@ -262,6 +262,8 @@ class GramMonitor:
             pre-hook active while ``model.training`` is true) into a bounded reservoir of cloned
             rows, emptied at every measurement.
         compare_tag: the TensorBoard tag of your measured test loss, drawn beside the prediction.
+        total_steps: the optimizer steps the run will take, for the forecast (also
+            :meth:`set_total_steps`); ``None``: no forecast.
         **settings: the fields of :class:`MonitorConfig`.
 
     The hooks hold the monitor weakly: one that is no longer referenced stops measuring. Call
@@ -293,6 +295,7 @@ class GramMonitor:
         holdout=None,
         reference=None,
         compare_tag: Optional[str] = None,
+        total_steps: Optional[int] = None,
         **settings,
     ):
         if not isinstance(model, nn.Module):
@@ -404,6 +407,10 @@ class GramMonitor:
         self._trainable = _trainable_names(model)
         self._told_new = False
         self._last_gaps: Optional[Tensor] = None
+        self._samples = insight.SampleRecord(m)  # per-sample sums for the noisy-label scores
+        self.total_steps = None
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
         # SGD momentum builds up from an empty buffer: the first steps move less (optim.step_dt).
         self._cold_start = not momentum_is_warm(optimizer)
         self._fingerprint = self._make_fingerprint()
@@ -723,6 +730,7 @@ class GramMonitor:
             record.update(alignment=stats.alignment, benign_fraction=stats.benign_fraction,
                           kernel_fidelity=stats.kernel_fidelity, effective_gram_gap=stats.gap)
             self._last_spectrum = torch.linalg.eigvalsh(theta.reshape(self._m_k * self.k, -1) / self._m_k).cpu()
+        record.update(self._insight(out, y, r, theta if self.effective is not None else None))
         return record
 
     def _measure_periodic(self) -> Dict[str, float]:
@@ -1026,3 +1034,66 @@ class GramMonitor:
             self.close()
         except Exception:
             pass
+
+    # -- per-sample insight (gramhook.insight) --------------------------------------------------
+    def _insight(self, out: Tensor, y: Tensor, r: Tensor, theta: Optional[Tensor]) -> Dict[str, float]:
+        """Fold this diagnostics readout into the per-sample record; the companion diagnostics
+        (THEORY §5) and the forecast as history fields."""
+        fields, spectrum, nuisance = insight.companion(theta, r, out, y, self.model.named_parameters())
+        self._samples.update(self._last_gaps, self.loss(out, y), insight.margins_of(out, y), nuisance)
+        final = best = math.nan
+        if self.total_steps is not None:
+            series = self._series("predicted_test_loss")
+            final, best = insight.forecast([s for s, _ in series], [v for _, v in series], self.total_steps)
+        fields.update(forecast_final_test_loss=final, forecast_best_step=best)
+        if self.sink is not None and self._samples.readouts:
+            try:
+                rows = self._suspect_rows(10)
+                x = self.probe.x[[row["row"] for row in rows]]
+                images = x if x.dim() == 4 and x.shape[1] in (1, 3) else None
+                self.sink.write_suspects(self.step, rows, self.label_noise_scores()[1], images, spectrum)
+            except Exception as exc:
+                self._report("tensorboard", exc)
+        return fields
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The optimizer steps the whole run will take; turns the forecast on."""
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"`total_steps` must be a positive int (the run's optimizer steps), got {total_steps!r}.")
+        self.total_steps = total_steps
+
+    def _probe_index(self) -> Tensor:
+        return self.probe.indices.clone() if self.probe.indices is not None else torch.arange(self.probe.m)
+
+    def label_noise_scores(self, score: str = insight.DEFAULT_SCORE):
+        """Noisy-label score of every probe sample, higher = more likely mislabeled.
+
+        The default is the leave-one-out loss ``ℓ_i + g_i`` averaged over the diagnostics
+        readouts (see :data:`gramhook.insight.SCORES` and ``benchmarks/results/label_noise.md``).
+        Pass the whole (small) training set as ``probe`` with ``probe_size`` at least its size
+        for a score on every sample.
+
+        Returns:
+            ``(index, score)``: int64 positions in the ``probe`` data ``(m,)`` and float64 scores
+            ``(m,)`` (NaN before the first diagnostics readout).
+        """
+        return self._probe_index(), insight.score(self._samples, score)
+
+    def _suspect_rows(self, k: int, score: str = insight.DEFAULT_SCORE) -> List[Dict[str, float]]:
+        index, s = self.label_noise_scores(score)
+        order = torch.nan_to_num(s, nan=-math.inf).argsort(descending=True)[:k]
+        y = self.probe.y.detach().cpu()
+        return [{"index": int(index[i]), "score": float(s[i]),
+                 "label": (int(y[i]) if y.dim() == 1 and not y.is_floating_point() else math.nan),
+                 "gap": float(self._samples.gap[i]), "loss": float(self._samples.loss[i]),
+                 "row": int(i)} for i in order.tolist()]
+
+    def suspect_samples(self, k: int = 10, score: str = insight.DEFAULT_SCORE) -> List[Dict[str, float]]:
+        """The ``k`` most suspect samples, most suspect first: dicts with ``index`` (position in
+        the ``probe`` data), ``score``, ``label``, latest ``gap`` and ``loss``."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int, got {k!r}.")
+        rows = self._suspect_rows(k, score)
+        for row in rows:
+            row.pop("row")
+        return rows
