@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gramhook import GramMonitor  # noqa: E402
 from gramhook import insight  # noqa: E402
+from gramhook import kernel  # noqa: E402
+from gramhook.losses import residual_and_hessian  # noqa: E402
 from gramhook.data import cnn1d, mlp, mnist1d_tensors, mnist_tensors  # noqa: E402
 
 PAIRS = {0: 6, 1: 7, 2: 7, 3: 8, 4: 9, 5: 6, 6: 5, 7: 1, 8: 3, 9: 4}
@@ -110,6 +112,16 @@ def run(dataset: str, rate: float, kind: str, *, n: int, epochs: int, seed: int)
     index, _ = monitor.label_noise_scores()
     order = index.argsort()  # probe rows back to data order
     scores = {f"gramhook:{name}": monitor.label_noise_scores(name)[1][order] for name in insight.SCORES}
+    # The nuisance share (Oymak et al.) needs the whole probe's kernel: measured once, at the end,
+    # on a 4096-dimensional sketch of the Jacobians (the monitor has it live on its sub-probe).
+    jac = kernel.sketched_jacobian(model, x, 4096, seed=seed)          # (n, k, s)
+    theta = torch.einsum("iap,jbp->iajb", jac, jac)                     # (n, k, n, k)
+    with torch.no_grad():
+        r, _ = residual_and_hessian(monitor.loss, model(x), y_noisy)
+    nuisance = insight.class_nuisance(theta, r)
+    mean_loo = scores[f"gramhook:{insight.DEFAULT_SCORE}"]
+    scores["final-kernel:nuisance"] = nuisance
+    scores["final-kernel:rank_loo_nuisance"] = insight._rank(mean_loo) + insight._rank(nuisance)
     scores.update(final_loss=final, cum_loss=cum_loss, aum=-margin_sum / epochs)
     monitor.close()
     train_acc = float((model(x).argmax(1) == y_noisy).double().mean())
@@ -119,22 +131,27 @@ def run(dataset: str, rate: float, kind: str, *, n: int, epochs: int, seed: int)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two configurations, smaller runs")
-    parser.add_argument("--n", type=int, default=500, help="training samples (all in the probe)")
+    parser.add_argument("--n", type=int, default=400, help="training samples (all in the probe)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=None, metavar="DATASET:NOISE:RATE",
+                        help="run only these configurations, e.g. mnist:pairs:0.2")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown table here")
     args = parser.parse_args(argv)
     configs = [(d, r, k) for d in ("mnist1d", "mnist") for k in ("symmetric", "pairs") for r in (0.1, 0.2, 0.4)]
     n, epochs = args.n, args.epochs
     if args.quick:
         configs, n, epochs = [("mnist1d", 0.2, "symmetric"), ("mnist", 0.2, "pairs")], 300, 8
+    if args.only:
+        configs = [(d, float(r), k) for d, k, r in (c.split(":") for c in args.only)]
     default = f"gramhook:{insight.DEFAULT_SCORE}"
-    names = [f"gramhook:{s}" for s in insight.SCORES] + list(BASELINES)
+    names = ([f"gramhook:{s}" for s in insight.SCORES] + ["final-kernel:nuisance", "final-kernel:rank_loo_nuisance"]
+             + list(BASELINES))
     lines = [f"n = {n} training samples (all in the probe), {epochs} epochs, Adam, batch 32, seed {args.seed}.",
              "", "AUROC / precision at the true noise count. **bold** = the default score "
              f"`{insight.DEFAULT_SCORE}`.", ""]
     header = "| dataset | noise | rate | train acc | " + " | ".join(
-        (f"**{x.split(':')[1]}**" if x == default else x.replace("gramhook:", "")) for x in names) + " |"
+        (f"**{x.split(':')[1]}**" if x == default else x.replace("gramhook:", "").replace("final-kernel:", "fk:")) for x in names) + " |"
     lines += [header, "|" + "---|" * (4 + len(names))]
     wins, table = 0, {}
     for dataset, rate, kind in configs:

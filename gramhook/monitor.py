@@ -1068,8 +1068,9 @@ class GramMonitor:
     def label_noise_scores(self, score: str = insight.DEFAULT_SCORE):
         """Noisy-label score of every probe sample, higher = more likely mislabeled.
 
-        The default is the leave-one-out loss ``ℓ_i + g_i`` averaged over the diagnostics
-        readouts (see :data:`gramhook.insight.SCORES` and ``benchmarks/results/label_noise.md``).
+        The default ranks each sample by its leave-one-out loss ``ℓ_i + g_i`` and by its margin
+        ``f_y − max_{c≠y} f_c``, both averaged over the diagnostics readouts, and adds the two
+        ranks (:data:`gramhook.insight.SCORES`; measured in ``benchmarks/results/label_noise.md``).
         Pass the whole (small) training set as ``probe`` with ``probe_size`` at least its size
         for a score on every sample.
 
