@@ -954,6 +954,7 @@ class GramMonitor:
             "elapsed_total": self._elapsed_total,
             "prev_readout": self._prev_readout,
             "readouts": self._readouts,
+            "samples": self._samples.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -985,6 +986,8 @@ class GramMonitor:
         self._elapsed_total = state.get("elapsed_total", 0.0)
         self._prev_readout = state.get("prev_readout")
         self._readouts = int(state.get("readouts", 0))
+        if state.get("samples") is not None:
+            self._samples.load_state_dict(state["samples"])
 
     def _check_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "history" not in state or "step" not in state:

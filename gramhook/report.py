@@ -218,9 +218,11 @@ def render(run: dict, title: str = "gramhook report") -> str:
     spectrum.append(line_chart("Alignment with the information space",
                                [("labels", get("label_alignment")), ("residual", get("residual_alignment")),
                                 ("mean nuisance share", get("nuisance_mean"))]))
-    spectrum.append(line_chart("Normalised margins (f/ρ)",
+    spectrum.append(line_chart("Normalised margins (f/ρ) on the probe",
                                [("min", get("margin_min")), ("q10", get("margin_q10")),
-                                ("median", get("margin_median")), ("normalised CE", get("normalized_ce"))]))
+                                ("median", get("margin_median")), ("q90", get("margin_q90"))]))
+    spectrum.append(line_chart("Normalised cross-entropy CE(f/ρ) and ρ (log scale)",
+                               [("normalised CE", get("normalized_ce")), ("ρ", get("rho"))], logy=True))
     sections.append(("Spectra and companion diagnostics", spectrum))
     forecast = [line_chart("Forecast of the final test loss, made at each step",
                            [("forecast final test loss", get("forecast_final_test_loss")),

@@ -61,3 +61,38 @@ def test_forecast_recovers_log_quadratic_curves(curve, final, best):
     assert f_final == pytest.approx(final, rel=1e-3)
     assert f_best == pytest.approx(best, rel=0.05)
     assert math.isnan(insight.forecast(steps[:3], [1.0] * 3, 400)[0])
+
+
+def test_monitor_scores_survive_a_resume():
+    from torch import nn
+
+    from gramhook import GramMonitor
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, GramMonitor(model, opt, probe=(x, y), n_train=12, every=1, diagnostics_every=1,
+                                       train_sample_size=0, effective_gram_size=4)
+
+    model, opt, mon = build()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    index, score = mon.label_noise_scores()
+    assert index.tolist() == list(range(12)) and torch.isfinite(score).all()
+    assert len(mon.suspect_samples(3)) == 3 and mon._samples.readouts == 4
+    state = mon.state_dict()
+    mon.close()
+    _, _, again = build()
+    again.load_state_dict(state)
+    assert torch.equal(again.label_noise_scores()[1], score)
+    with pytest.raises(ValueError, match="positive int"):
+        again.suspect_samples(0)
+    with pytest.raises(ValueError, match="total_steps"):
+        again.set_total_steps(0)
+    again.close()
