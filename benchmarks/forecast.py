@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -60,8 +61,12 @@ def run(name: str, *, n: int, epochs: int, seed: int):
     step = 0
 
     def test_loss():
+        # Eval mode: the monitor follows the model's train-mode forwards as training batches.
+        model.eval()
         with torch.no_grad():
-            return float(F.cross_entropy(model(xt), yt))
+            loss = float(F.cross_entropy(model(xt), yt))
+        model.train()
+        return loss
 
     measured.append((0, test_loss()))
     while step < total:
@@ -76,10 +81,18 @@ def run(name: str, *, n: int, epochs: int, seed: int):
             step += 1
             if step % every == 0 or step == total:
                 measured.append((step, test_loss()))
+            if step % 50 == 0:
+                print(f"  {name}: step {step}/{total}", file=sys.stderr, flush=True)
     if monitor.history[-1]["step"] != total:
         monitor.measure()
-    history = monitor.history
+    history = [{"step": h["step"], "predicted_test_loss": h["predicted_test_loss"]} for h in monitor.history]
     monitor.close()
+    return {"history": history, "measured": measured, "total": total}
+
+
+def score(saved: dict) -> dict:
+    """Forecasts at 25% and 50% of a saved run against its measured outcome."""
+    history, measured, total = saved["history"], saved["measured"], saved["total"]
     final = measured[-1][1]
     best_step = min(measured, key=lambda sv: sv[1])[0]
     out = {"final": final, "best_step": best_step, "total": total}
@@ -103,9 +116,14 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=None, choices=list(RUNS), help="run only these")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--runs", type=Path, default=None,
+                        help="JSON of the runs' histories: written after training, or read instead of "
+                             "training with --replay")
+    parser.add_argument("--replay", action="store_true", help="score the runs saved in --runs, no training")
     args = parser.parse_args(argv)
-    names = list(RUNS)
+    names = args.only or list(RUNS)
     n, epochs = args.n, args.epochs
     if args.quick:
         names, n, epochs = names[:1] + names[2:3], 400, 6
@@ -114,9 +132,14 @@ def main(argv=None) -> int:
              "| run | steps | final test loss | at 25%: forecast / hold / measured now | best step | "
              "at 50%: forecast / hold / measured now | best step |", "|---|---|---|---|---|---|---|"]
     errors = {f: {"forecast": [], "hold": [], "measured_now": []} for f in (0.25, 0.5)}
+    saved = json.loads(args.runs.read_text()) if args.replay else {}
     for name in names:
         start = time.perf_counter()
-        res = run(name, n=n, epochs=epochs, seed=args.seed)
+        if not args.replay:
+            saved[name] = run(name, n=n, epochs=epochs, seed=args.seed)
+            if args.runs is not None:
+                args.runs.write_text(json.dumps(saved))
+        res = score(saved[name])
         cells = []
         for f in (0.25, 0.5):
             r = res[f]
@@ -125,7 +148,7 @@ def main(argv=None) -> int:
             cells.append(" / ".join(f"{rel(r[k], res['final']):.1%}" for k in ("forecast", "hold", "measured_now")))
             cells.append(f"{r['best']:.0f} / {res['best_step']}")
         lines.append(f"| {name} | {res['total']} | {res['final']:.3f} | " + " | ".join(cells) + " |")
-        print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+        print(lines[-1] + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
     lines.append("")
     for f in (0.25, 0.5):
         lines.append(f"Median relative error at {f:.0%}: " + ", ".join(

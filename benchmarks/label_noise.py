@@ -107,6 +107,7 @@ def run(dataset: str, rate: float, kind: str, *, n: int, epochs: int, seed: int)
             cum_loss[b] += losses.detach().double()
             margin_sum[b] += insight.margins_of(out, y_noisy[b])
     seconds = time.perf_counter() - start
+    model.eval()
     with torch.no_grad():
         final = F.cross_entropy(model(x), y_noisy, reduction="none").double()
     index, _ = monitor.label_noise_scores()

@@ -53,8 +53,10 @@ def run(name, *, n, steps, seed):
     test_ce = []
 
     def log_test():
+        model.eval()  # the monitor follows the model's train-mode forwards as training batches
         with torch.no_grad():
             test_ce.append(normalized_margins(weight_matrices(model.named_parameters()), model(xt), yt).normalized_ce)
+        model.train()
 
     log_test()
     gen = torch.Generator().manual_seed(seed + 1)
