@@ -90,7 +90,7 @@ class BatchStatistics:
         self.handles = [mod.register_forward_pre_hook(self._record) for mod in self.layers]
 
     def _record(self, module, args) -> None:
-        if not module.training or not args or not isinstance(args[0], Tensor):
+        if not module.training or not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor):
             return
         try:
             self._add(module, args[0])

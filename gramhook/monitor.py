@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import adapt, guard, kernel
+from . import adapt, guard, insight, kernel
 from .dynamics.effective_gram import EffectiveGram
 from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, perturbation_factor
 from .losses import residual_and_hessian
@@ -36,7 +36,7 @@ HISTORY_KEYS = (
     "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
     "effective_gram_gap", "monitor_seconds", "overhead", "probe_train_loss", "probe_gap", "gap_slope",
     "loss_history_slope", "gap_effective_samples", "sketch_extrapolation", "injected", "injection_simulated",
-)
+) + insight.INSIGHT_KEYS
 
 Schedule = Union[int, Callable[[int], bool], None]
 
@@ -278,6 +278,8 @@ class GramMonitor:
             label key, one of :data:`gramhook.adapt.LABEL_KEYS`), or a callable
             ``sample -> (model_inputs, target)``. Models taking several tensors or keywords are
             measured through :class:`gramhook.adapt.Adapted`.
+        total_steps: the optimizer steps the run will take, for the forecast (also
+            :meth:`set_total_steps`); ``None``: no forecast.
         **settings: the fields of :class:`MonitorConfig`.
 
     The hooks hold the monitor weakly: one that is no longer referenced stops measuring. Call
@@ -311,6 +313,7 @@ class GramMonitor:
         compare_tag: Optional[str] = None,
         output=None,
         inputs=None,
+        total_steps: Optional[int] = None,
         **settings,
     ):
         if not isinstance(model, nn.Module):
@@ -428,6 +431,10 @@ class GramMonitor:
         self._trainable = _trainable_names(model)
         self._told_new = False
         self._last_gaps: Optional[Tensor] = None
+        self._samples = insight.SampleRecord(m)  # per-sample sums for the noisy-label scores
+        self.total_steps = None
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
         # SGD momentum builds up from an empty buffer: the first steps move less (optim.step_dt).
         self._cold_start = not momentum_is_warm(optimizer)
         self._fingerprint = self._make_fingerprint()
@@ -529,8 +536,10 @@ class GramMonitor:
 
     # -- hooks --------------------------------------------------------------------------------
     def _capture(self, module, args):
-        """Training inputs: the per-step engine's pending batch, or the periodic reservoir."""
-        if not self.model.training or not args or not isinstance(args[0], Tensor):
+        """Training inputs: the per-step engine's pending batch, or the periodic reservoir. A forward
+        in train mode but without autograd (an evaluation that forgot ``model.eval()``) trains
+        nothing and is not recorded."""
+        if not self.model.training or not torch.is_grad_enabled() or not args or not isinstance(args[0], Tensor):
             return
         try:
             (self._stepper.record if self._stepper is not None else self._reservoir.add)(args[0])
@@ -539,7 +548,7 @@ class GramMonitor:
 
     def _capture_call(self, module, args, kwargs):
         """:meth:`_capture` for a model called with several tensors or keywords: packed like the probe."""
-        if not module.training:
+        if not module.training or not torch.is_grad_enabled():
             return
         try:
             packed = self.model.spec.pack_call(args, kwargs)
@@ -701,6 +710,7 @@ class GramMonitor:
             else:
                 record = self._measure_periodic()
                 record.update(injected=math.nan, injection_simulated=math.nan)
+                record.update({key: math.nan for key in insight.INSIGHT_KEYS})  # per-step engine only
         except Exception as exc:
             cause = self._nonfinite(None)
             if cause is None:
@@ -787,6 +797,7 @@ class GramMonitor:
             record.update(alignment=stats.alignment, benign_fraction=stats.benign_fraction,
                           kernel_fidelity=stats.kernel_fidelity, effective_gram_gap=stats.gap)
             self._last_spectrum = torch.linalg.eigvalsh(theta.reshape(self._m_k * self.k, -1) / self._m_k).cpu()
+        record.update(self._insight(out, y, r, theta if self.effective is not None else None))
         return record
 
     def _measure_periodic(self) -> Dict[str, float]:
@@ -1010,6 +1021,7 @@ class GramMonitor:
             "elapsed_total": self._elapsed_total,
             "prev_readout": self._prev_readout,
             "readouts": self._readouts,
+            "samples": self._samples.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -1041,6 +1053,8 @@ class GramMonitor:
         self._elapsed_total = state.get("elapsed_total", 0.0)
         self._prev_readout = state.get("prev_readout")
         self._readouts = int(state.get("readouts", 0))
+        if state.get("samples") is not None:
+            self._samples.load_state_dict(state["samples"])
 
     def _check_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "history" not in state or "step" not in state:
@@ -1090,3 +1104,68 @@ class GramMonitor:
             self.close()
         except Exception:
             pass
+
+    # -- per-sample insight (gramhook.insight) --------------------------------------------------
+    def _insight(self, out: Tensor, y: Tensor, r: Tensor, theta: Optional[Tensor]) -> Dict[str, float]:
+        """Fold this diagnostics readout into the per-sample record; the companion diagnostics
+        (THEORY §5) and the forecast as history fields."""
+        fields, spectrum, nuisance = insight.companion(theta, r, out, y, self.model.named_parameters())
+        self._samples.update(self._last_gaps, self.loss(out, y), insight.margins_of(out, y), nuisance)
+        final = best = math.nan
+        if self.total_steps is not None:
+            series = self._series("predicted_test_loss")
+            final, best = insight.forecast([s for s, _ in series], [v for _, v in series], self.total_steps)
+        fields.update(forecast_final_test_loss=final, forecast_best_step=best)
+        if self.sink is not None and self._samples.readouts:
+            try:
+                rows = self._suspect_rows(10)
+                x = self.probe.x[[row["row"] for row in rows]]
+                images = x if x.dim() == 4 and x.shape[1] in (1, 3) else None
+                self.sink.write_suspects(self.step, rows, self.label_noise_scores()[1], images, spectrum)
+            except Exception as exc:
+                self._report("tensorboard", exc)
+        return fields
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The optimizer steps the whole run will take; turns the forecast on."""
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"`total_steps` must be a positive int (the run's optimizer steps), got {total_steps!r}.")
+        self.total_steps = total_steps
+
+    def _probe_index(self) -> Tensor:
+        return self.probe.indices.clone() if self.probe.indices is not None else torch.arange(self.probe.m)
+
+    def label_noise_scores(self, score: str = insight.DEFAULT_SCORE):
+        """Noisy-label score of every probe sample, higher = more likely mislabeled.
+
+        The default ranks each sample by its leave-one-out loss ``ℓ_i + g_i`` and by its margin
+        ``f_y − max_{c≠y} f_c``, both averaged over the diagnostics readouts, and adds the two
+        ranks (:data:`gramhook.insight.SCORES`; measured in ``benchmarks/results/label_noise.md``).
+        Pass the whole (small) training set as ``probe`` with ``probe_size`` at least its size
+        for a score on every sample. Per-step engine only (the default); NaN with
+        ``engine="periodic"``.
+
+        Returns:
+            ``(index, score)``: int64 positions in the ``probe`` data ``(m,)`` and float64 scores
+            ``(m,)`` (NaN before the first diagnostics readout).
+        """
+        return self._probe_index(), insight.score(self._samples, score)
+
+    def _suspect_rows(self, k: int, score: str = insight.DEFAULT_SCORE) -> List[Dict[str, float]]:
+        index, s = self.label_noise_scores(score)
+        order = torch.nan_to_num(s, nan=-math.inf).argsort(descending=True)[:k]
+        y = self.probe.y.detach().cpu()
+        return [{"index": int(index[i]), "score": float(s[i]),
+                 "label": (int(y[i]) if y.dim() == 1 and not y.is_floating_point() else math.nan),
+                 "gap": float(self._samples.gap[i]), "loss": float(self._samples.loss[i]),
+                 "row": int(i)} for i in order.tolist()]
+
+    def suspect_samples(self, k: int = 10, score: str = insight.DEFAULT_SCORE) -> List[Dict[str, float]]:
+        """The ``k`` most suspect samples, most suspect first: dicts with ``index`` (position in
+        the ``probe`` data), ``score``, ``label``, latest ``gap`` and ``loss``."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int, got {k!r}.")
+        rows = self._suspect_rows(k, score)
+        for row in rows:
+            row.pop("row")
+        return rows

@@ -369,6 +369,32 @@ def test_batchnorm_training_is_bitwise_unchanged_by_the_monitor():
     assert all(math.isfinite(h["predicted_test_loss"]) for h in mon.history)
 
 
+def test_train_mode_forward_without_autograd_is_not_a_training_batch():
+    """An evaluation in train mode under no_grad (model.eval() forgotten) is not recorded: the
+    engine follows the same steps as without it."""
+    def run(evaluate):
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=5, probe_size=16)
+        for _ in range(10):
+            if evaluate:
+                with torch.no_grad():
+                    model(torch.randn(200, 5, generator=g))
+            idx = torch.randperm(64, generator=g)[:16]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        return mon
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain, evaluated = run(False), run(True)
+    assert evaluated._stepper.batch_rows == plain._stepper.batch_rows == 160
+
+
 def test_state_dict_resume_equals_uninterrupted_run():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 5, generator=g)

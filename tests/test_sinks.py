@@ -83,7 +83,8 @@ def test_roundtrip_scalars_histograms_text_layout(tmp_path):
     assert category.title == "gramhook"
     charts = {c.title: c for c in category.chart}
     assert set(charts) == {"Generalization", "Generalization (curves)", "Gap", "Gap reliability",
-                           "Dynamics", "Effective Gram", "Cost"}
+                           "Dynamics", "Effective Gram", "Cost", "Information space", "Spectrum",
+                           "Normalized margins", "Forecast"}
     (series,) = charts["Generalization"].margin.series
     assert (series.value, series.lower, series.upper) == (
         "gramhook/predicted_test_loss", "gramhook/predicted_test_loss_lo",

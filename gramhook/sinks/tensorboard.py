@@ -73,6 +73,12 @@ class TensorBoardSink:
             "Effective Gram": multi([p + "alignment", p + "benign_fraction",
                                      p + "kernel_fidelity"]),
             "Cost": multi([p + "monitor_seconds", p + "overhead"]),
+            "Information space": multi([p + "label_alignment", p + "residual_alignment",
+                                        p + "nuisance_mean"]),
+            "Spectrum": multi([p + "effective_rank", p + "information_dim"]),
+            "Normalized margins": multi([p + "margin_min", p + "margin_q10", p + "margin_median",
+                                         p + "normalized_ce"]),
+            "Forecast": multi([p + "forecast_final_test_loss", p + "predicted_test_loss"]),
         }}
 
     def write_layout(self) -> None:
@@ -117,6 +123,47 @@ class TensorBoardSink:
             v = v[torch.isfinite(v)]
             if v.numel() > 0:
                 self.writer.add_histogram(PREFIX + name, v.numpy(), step)
+
+    def write_suspects(self, step: int, rows, scores: Optional[torch.Tensor],
+                       images: Optional[torch.Tensor] = None,
+                       spectrum: Optional[torch.Tensor] = None) -> None:
+        """Writes the noisy-label view of one readout.
+
+        - ``gramhook/suspects``: a Markdown table of ``rows`` (dicts with ``index``, ``score``,
+          ``label``, ``gap``, ``loss``), most suspect first, and ``gramhook/suspects_json``, the
+          same rows as JSON for ``gramhook report``;
+        - ``gramhook/label_noise_score``: histogram of every sample's score;
+        - ``gramhook/suspect_image/<rank>``: each suspect's input, from ``images``
+          ``(k, C, H, W)`` with C in {1, 3}, min-max scaled to [0, 1], when given;
+        - ``gramhook/spectrum_json``: the kernel's eigenvalues (descending, at most 256) as JSON.
+        """
+        import json
+
+        cols = ("index", "score", "label", "gap", "loss")
+        lines = ["| rank | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+        for rank, row in enumerate(rows, 1):
+            cells = [str(row[c]) if c in ("index", "label") else f"{row[c]:.4g}" for c in cols]
+            lines.append(f"| {rank} | " + " | ".join(cells) + " |")
+        self.writer.add_text(PREFIX + "suspects", "\n".join(lines), step)
+        clean = [{c: (None if isinstance(row[c], float) and not math.isfinite(row[c]) else row[c]) for c in cols}
+                 for row in rows]
+        self.writer.add_text(PREFIX + "suspects_json", json.dumps(clean), step)
+        if scores is not None:
+            v = torch.as_tensor(scores).detach().reshape(-1).to("cpu", torch.float64)
+            v = v[torch.isfinite(v)]
+            if v.numel() > 0:
+                self.writer.add_histogram(PREFIX + "label_noise_score", v.numpy(), step)
+        if images is not None and images.dim() == 4 and images.shape[1] in (1, 3) and images.shape[0] > 0:
+            im = images.detach().to("cpu", torch.float32)
+            lo = im.amin(dim=(1, 2, 3), keepdim=True)
+            hi = im.amax(dim=(1, 2, 3), keepdim=True)
+            im = (im - lo) / (hi - lo).clamp(min=1e-12)
+            for rank in range(im.shape[0]):
+                self.writer.add_image(f"{PREFIX}suspect_image/{rank + 1}", im[rank], step)
+        if spectrum is not None:
+            e = torch.as_tensor(spectrum).detach().reshape(-1).to("cpu", torch.float64)
+            e = e[torch.isfinite(e)].sort(descending=True).values[:256]
+            self.writer.add_text(PREFIX + "spectrum_json", json.dumps([float(x) for x in e]), step)
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Writes a text summary under ``gramhook/<tag>`` (e.g. a failure report).
