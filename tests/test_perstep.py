@@ -319,8 +319,8 @@ def test_training_is_bitwise_unchanged_by_the_monitor():
 
 def test_batchnorm_rows_use_the_trained_batch_statistics():
     """Inside the step, BatchNorm normalises with the statistics of the batch just trained (pooled
-    over the step's forwards); the running buffers come back bitwise, and eval forwards are not
-    recorded."""
+    over the step's forwards); the running buffers come back bitwise, and eval forwards and
+    forwards without autograd are not recorded."""
     from gramhook.capture import BatchStatistics
 
     torch.manual_seed(0)
@@ -328,12 +328,14 @@ def test_batchnorm_rows_use_the_trained_batch_statistics():
     stats = BatchStatistics(model)
     bn = model[1]
     a, b = torch.randn(8, 4), torch.randn(4, 4) + 3.0
+    model.eval()
+    model(torch.randn(5, 4))                       # an eval forward: not a training batch
+    model.train()
     with torch.no_grad():
-        model.eval()
-        model(torch.randn(5, 4))                   # an eval forward: not a training batch
-        model.train()
-        model(a)
-        model(b)                                   # gradient accumulation: two forwards, one step
+        model(torch.randn(7, 4))                   # nor one without autograd
+    model(a)
+    model(b)                                       # gradient accumulation: two forwards, one step
+    with torch.no_grad():
         h = model[0](torch.cat([a, b]))
     before = (bn.running_mean.clone(), bn.running_var.clone())
     with stats.applied():
