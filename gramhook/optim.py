@@ -326,16 +326,22 @@ def _trained_groups(optimizer: torch.optim.Optimizer, model: nn.Module):
     return by_id, groups, ref
 
 
+def _adam_gradient(optimizer, group, p: Tensor) -> Tensor:
+    """The gradient the coming Adam step reads: ``.grad`` plus coupled weight decay."""
+    g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+    wd = float(group.get("weight_decay", 0.0))
+    if wd and not (type(optimizer).__name__ == "AdamW" or group.get("decoupled_weight_decay", False)):
+        g = g + wd * p.detach()
+    return g
+
+
 def _adam_m(optimizer, group, p: Tensor, ahead: bool) -> Optional[Tensor]:
     """Adam's first moment; ``ahead``: as the coming step will leave it."""
     state = optimizer.state.get(p, {})
     m = state.get("exp_avg")
     beta1 = float(group["betas"][0])
     if ahead:
-        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-        wd = float(group.get("weight_decay", 0.0))
-        if wd and not (type(optimizer).__name__ == "AdamW" or group.get("decoupled_weight_decay", False)):
-            g = g + wd * p.detach()
+        g = _adam_gradient(optimizer, group, p)
         m = g * (1 - beta1) if m is None else m.detach() * beta1 + (1 - beta1) * g
     return None if m is None else m.detach()
 
@@ -347,10 +353,7 @@ def _adam_v(optimizer, group, p: Tensor, ahead: bool) -> tuple:
     t = int(float(state["step"])) if "step" in state else 0
     beta2 = float(group["betas"][1])
     if ahead:
-        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-        wd = float(group.get("weight_decay", 0.0))
-        if wd and not (type(optimizer).__name__ == "AdamW" or group.get("decoupled_weight_decay", False)):
-            g = g + wd * p.detach()
+        g = _adam_gradient(optimizer, group, p)
         v = g * g * (1 - beta2) if v is None else v.detach() * beta2 + (1 - beta2) * g * g
         if group.get("amsgrad", False) and state.get("max_exp_avg_sq") is not None:
             v = torch.maximum(state["max_exp_avg_sq"].detach(), v)
