@@ -2,7 +2,7 @@
 
 ``method="reference"`` contracts explicit torch.func Jacobians and works for any module; it is the
 ground truth. ``"auto"`` uses the per-layer handlers of :mod:`gramhook.kernel.layers` (assembled by
-:mod:`gramhook.kernel.assemble`) and sends each parameter without a handler through the reference
+:mod:`gramhook.kernel.plan` and :mod:`gramhook.kernel.gram`) and sends each parameter without a handler through the reference
 path, parameter by parameter. ``"fast"`` is the same but raises if any trainable parameter lacks a
 handler, naming them. The same three methods serve :func:`empirical_ntk`, :func:`gradient_gram`,
 :func:`sketched_jacobian` and :func:`flat_jacobian`. On CUDA, ``"auto"`` times the fast and the
@@ -17,7 +17,7 @@ from typing import Callable, Dict
 
 import torch
 
-from .reference import (
+from .torchfunc import (
     DEFAULT_MEMORY_BUDGET,
     eval_mode,
     gaussian_sketch_matrix,
@@ -26,8 +26,8 @@ from .reference import (
     per_sample_jacobians,
     trainable_parameters,
 )
-from . import assemble as _fast
-from . import reference as _reference
+from . import gram as _gram, jacobian as _jacobian, sketch as _sketch
+from . import torchfunc as _reference
 
 METHODS = ("auto", "reference", "fast")
 
@@ -136,7 +136,7 @@ def empirical_ntk(model, x1, x2=None, *, preconditioner=None, method="auto", mem
         return _reference.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget)
 
     def fast():
-        return _fast.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget,
+        return _gram.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget,
                                    strict=method == "fast")
 
     if method == "reference":
@@ -165,7 +165,7 @@ def gradient_gram(model, loss, x, y, *, preconditioner=None, method="auto", memo
         return _reference.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget)
 
     def fast():
-        return _fast.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget,
+        return _gram.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget,
                                    strict=method == "fast")
 
     if method == "reference":
@@ -203,7 +203,7 @@ def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, metho
                                         memory_budget=memory_budget)
 
     def fast():
-        return _fast.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
+        return _jacobian.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
                                    memory_budget=memory_budget, strict=method == "fast")
 
     if method == "reference":
@@ -236,7 +236,7 @@ def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto"
     if method == "reference":
         return _reference.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
                                             memory_budget=memory_budget, cotangents=cotangents)
-    return _fast.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
+    return _sketch.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
                                    memory_budget=memory_budget, strict=method == "fast", cotangents=cotangents)
 
 
@@ -263,7 +263,7 @@ def vjp_rows(model, x, cotangents, *, s=None, seed=0, preconditioner=None, metho
         jac = _reference.flat_jacobian(model, x, preconditioner=preconditioner, power=0.5, names=names,
                                        memory_budget=memory_budget)
         return torch.einsum("mqk,mkd->mqd", cotangents.to(jac.dtype), jac)
-    return _fast.flat_vjp(model, x, cotangents, preconditioner=preconditioner, memory_budget=memory_budget,
+    return _jacobian.flat_vjp(model, x, cotangents, preconditioner=preconditioner, memory_budget=memory_budget,
                           strict=method == "fast", names=names)
 
 
@@ -276,7 +276,7 @@ def flat_vector(tensors, *, s=None, seed=0, preconditioner=None):
     torch.Size([8])
     """
     if s is not None:
-        return _fast.sketch_vectors(tensors, int(s), seed=seed, preconditioner=preconditioner)
+        return _sketch.sketch_vectors(tensors, int(s), seed=seed, preconditioner=preconditioner)
     parts = []
     for name, t in tensors.items():
         t = (t.to_dense() if t.is_sparse else t).detach().reshape(-1)  # sparse gradients (Embedding(sparse=True))
@@ -309,7 +309,7 @@ def tangent_outputs(model, x, vectors, *, s=None, seed=0, preconditioner=None, m
     def tangent(lo, hi):
         v = vectors[lo:hi].to(next(iter(params.values())).dtype)
         if s is not None:
-            parts = _fast.unsketch(v, shapes, int(s), seed=seed)
+            parts = _sketch.unsketch(v, shapes, int(s), seed=seed)
         else:
             parts = {n: t.reshape(hi - lo, *shapes[n]) for n, t in zip(shapes, torch.split(v, sizes, dim=1))}
         if preconditioner is not None:
