@@ -105,17 +105,13 @@ def _folded_biases(f: Factors) -> Dict[str, str]:
 
 def _fallback_jacobian(f: Factors, xs: Tensor, sl: slice) -> Tensor:
     """Reference-path ``P^{1/2}``-scaled Jacobian (or loss gradient) of the fallback params."""
-    jac = fallback_jacobians(f.model, xs, f.plan.fallback, f.memory_budget)
-    cols = []
     r = None
     if f.cot is not None:
         with torch.no_grad(), torchfunc.eval_mode(f.model):
             out = f.model(xs).reshape(xs.shape[0], -1)
-        r = f.cot(out, sl)  # (q, c, k)
-    for n, j in jac.items():
-        j = j.to(acc_dtype(j.dtype)).flatten(2)  # (c, k, D)
-        if r is not None:
-            j = torch.einsum("qck,ckd->cqd", r.to(j.dtype), j)
+        r = f.cot(out, sl).transpose(0, 1)  # (c, q, k)
+    cols = []
+    for n, j in fallback_jacobians(f.model, xs, f.plan.fallback, f.memory_budget, r).items():  # (c, q, D)
         sp = sqrt_preconditioner(f.preconditioner, n, j)
         cols.append(j if sp is None else j * sp)
     return torch.cat(cols, dim=2)
@@ -149,13 +145,10 @@ def capture_factors(
         k = plan.k
         q = q if q is not None else (k if cot is None else 1)
         forms = choose_forms(plan, m, other_size or m, q, preconditioner)
-        p0 = next(iter(model.parameters()))
-        itemsize = torch.empty((), dtype=acc_dtype(p0.dtype)).element_size()
-        transient, stored = per_sample_bytes(plan, forms, q, itemsize)
         if chunk is None:
-            chunk = max(1, min(m, int(memory_budget // max(1, 2 * (transient + stored)))))
+            chunk = default_chunk(model, plan, x, q, forms, memory_budget)
         if store is None:
-            store = 2 * m * stored <= memory_budget
+            store = 2 * m * per_sample_bytes(model, plan, forms, q)[1] <= memory_budget
         f = Factors(model, plan, x, cot, preconditioner, forms, chunk, memory_budget, [])
         n = -(-m // chunk)
         f.chunks = [_represent(f, i) if store else None for i in range(n)]

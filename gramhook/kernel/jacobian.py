@@ -195,8 +195,7 @@ def flat_jacobian(
                             d.mul_(scales[name])
                 del contribs
             if plan.fallback:
-                jac = fallback_jacobians(model, xs, plan.fallback, memory_budget)
-                for name, j in jac.items():
+                for name, j in fallback_jacobians(model, xs, plan.fallback, memory_budget).items():
                     lo, hi = offsets[name]
                     d = dst[:, :, lo:hi]
                     d.copy_(j.reshape(d.shape))
@@ -246,8 +245,7 @@ def flat_vjp(
         contribs = per_sample.chunk_contributions(model, plan, x, cot.transpose(0, 1)) if plan.layers else {}
         fallback = {}
         if plan.fallback:
-            jac = fallback_jacobians(model, x, plan.fallback, memory_budget)
-            fallback = {n: torch.einsum("mqk,mkd->mqd", cot.to(j.dtype), j.flatten(2)) for n, j in jac.items()}
+            fallback = fallback_jacobians(model, x, plan.fallback, memory_budget, cot)
         cols = []
         for n in params:
             g = contribs[n].dense().flatten(2) if n in contribs else fallback[n]

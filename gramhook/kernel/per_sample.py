@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import torchfunc
+from .layers import acc_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import LayerPlan, Plan
@@ -141,11 +142,20 @@ def sqrt_preconditioner(preconditioner: Preconditioner, name: str, like: Tensor)
     return preconditioner[name].to(device=like.device, dtype=like.dtype).sqrt().reshape(-1)
 
 
-def fallback_jacobians(model: nn.Module, xs: Tensor, names: Sequence[str], memory_budget: int) -> Dict[str, Tensor]:
-    """:func:`torchfunc.per_sample_jacobians` of ``names``, with attention in its composite form
-    (:func:`torchfunc.composite_attention`)."""
-    ctx = torchfunc.composite_attention()
-    # Outside autocast: torch.func's batched backward can mix half and float grads under CUDA
-    # fp16 autocast; the few fallback parameters are computed in their own dtype instead.
-    with ctx, no_autocast(xs.device):
-        return torchfunc.per_sample_jacobians(model, xs, names=list(names), memory_budget=memory_budget)
+def fallback_jacobians(model: nn.Module, xs: Tensor, names: Sequence[str], memory_budget: int,
+                       cot: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Per-sample Jacobians of the parameters ``names`` by torch.func, for the parameters no handler
+    covers: ``{name: (c, k, D)}`` flattened, in the accumulation dtype; with cotangents ``cot``
+    ``(c, q, k)`` their combinations ``{name: (c, q, D)}``.
+
+    Attention runs in its composite form (:func:`torchfunc.composite_attention`), and everything
+    outside autocast: torch.func's batched backward can mix half and float grads under CUDA fp16
+    autocast, so the few fallback parameters are computed in their own dtype instead.
+    """
+    with torchfunc.composite_attention(), no_autocast(xs.device):
+        jac = torchfunc.per_sample_jacobians(model, xs, names=list(names), memory_budget=memory_budget)
+        out = {}
+        for n, j in jac.items():
+            j = j.to(acc_dtype(j.dtype)).flatten(2)
+            out[n] = j if cot is None else torch.einsum("cqk,ckd->cqd", cot.to(j.dtype), j)
+    return out

@@ -207,17 +207,27 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
             if isinstance(c, Outer):
                 stats[full] = (c.groups, c.positions, c.d_in, c.d_out, c.is_index)
     layers = kept
-    covered = {full for lp in layers for _, full in lp.params}
-    fallback = tuple(n for n in trainable if n not in covered)
-    if strict and fallback:
-        raise ValueError(
-            f"method='fast' needs a handler for every trainable parameter, but {list(fallback)} have "
-            "none (raw nn.Parameters, layers called more than once, tied weights, or unsupported "
-            "layer types/configurations). Use method='auto' to send them through the reference path, "
-            "or register a handler with gramhook.kernel.layers.register."
-        )
+    fallback = _uncovered(layers, trainable, strict, "trainable")
     shapes = {n: tuple(p.shape) for n, p in trainable.items()}
     return Plan(tuple(layers), fallback, shapes, stats, act, outn, k, replicate)
+
+
+def _uncovered(layers, names, strict: bool, which: str) -> Tuple[str, ...]:
+    """The ``names`` no layer of ``layers`` covers, in order: they take the torch.func path.
+
+    Raises:
+        ValueError: if ``strict`` and there are any, naming them.
+    """
+    covered = {full for lp in layers for _, full in lp.params}
+    fallback = tuple(n for n in names if n not in covered)
+    if strict and fallback:
+        raise ValueError(
+            f"method='fast' needs a handler for every {which} parameter, but {list(fallback)} have "
+            "none (raw nn.Parameters, layers called more than once, tied weights, requires_grad=False, "
+            "or unsupported layer types/configurations). Use method='auto' to send them through the "
+            "torch.func path, or register a handler with gramhook.kernel.layers.register."
+        )
+    return fallback
 
 
 @contextlib.contextmanager
@@ -249,15 +259,7 @@ def restrict_plan(plan: Plan, params: Mapping[str, Tensor], strict: bool) -> Pla
         kept = tuple(p for p in lp.params if p[1] in wanted)
         if kept:
             layers.append(dataclasses.replace(lp, params=kept))
-    covered = {full for lp in layers for _, full in lp.params}
-    fallback = tuple(n for n in names if n not in covered)
-    if strict and fallback:
-        raise ValueError(
-            f"method='fast' needs a handler for every requested parameter, but {list(fallback)} have "
-            "none (raw nn.Parameters, layers called more than once, tied weights, requires_grad=False, "
-            "or unsupported layer types/configurations). Use method='auto' to send them through the "
-            "reference path, or register a handler with gramhook.kernel.layers.register."
-        )
+    fallback = _uncovered(layers, names, strict, "requested")
     shapes = {**plan.shapes, **{n: tuple(p.shape) for n, p in params.items()}}  # names may be frozen
     return dataclasses.replace(plan, layers=tuple(layers), fallback=fallback, shapes=shapes)
 
@@ -284,8 +286,10 @@ def choose_forms(plan: Plan, m1: int, m2: int, q: int, preconditioner: Precondit
     return forms
 
 
-def per_sample_bytes(plan: Plan, forms: Dict[str, str], q: int, itemsize: int) -> Tuple[int, int]:
-    """(transient, stored) bytes per sample of one chunk."""
+def per_sample_bytes(model: nn.Module, plan: Plan, forms: Dict[str, str], q: int) -> Tuple[int, int]:
+    """(transient, stored) bytes per sample of one chunk with ``q`` cotangents, in the
+    accumulation dtype of the model's parameters."""
+    itemsize = torch.empty((), dtype=acc_dtype(next(iter(model.parameters())).dtype)).element_size()
     stored = 0
     factors = 0
     for lp in plan.layers:
@@ -320,8 +324,7 @@ def run_chunked(fn: Callable[[int], Tensor], chunk_of: Callable[[Optional[int]],
                 torch.cuda.empty_cache()
 
 
-def default_chunk(model, plan, x, q, forms, budget) -> int:
-    p0 = next(iter(model.parameters()))
-    itemsize = torch.empty((), dtype=acc_dtype(p0.dtype)).element_size()
-    transient, stored = per_sample_bytes(plan, forms, q, itemsize)
+def default_chunk(model: nn.Module, plan: Plan, x: Tensor, q: int, forms: Dict[str, str], budget: int) -> int:
+    """Samples of ``x`` per chunk so that a chunk's transient and stored bytes fit half of ``budget``."""
+    transient, stored = per_sample_bytes(model, plan, forms, q)
     return max(1, min(x.shape[0], int(budget // max(1, 2 * (transient + stored)))))

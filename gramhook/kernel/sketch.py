@@ -175,12 +175,9 @@ def sketched_jacobian(
                             g = c.dense().flatten(2)
                             add(_count_sketch_dense(g, hashes[name], s, sp))
             if plan.fallback:
-                jac = fallback_jacobians(model, xs, plan.fallback, memory_budget)
+                jac = fallback_jacobians(model, xs, plan.fallback, memory_budget, cot)  # (c, k or q, D)
                 with no_autocast(device):
                     for name, j in jac.items():
-                        j = j.to(acc_dtype(j.dtype)).flatten(2)
-                        if cot is not None:
-                            j = torch.einsum("cqk,ckp->cqp", cot.to(j.dtype), j)
                         add(_count_sketch_dense(j, hashes[name], s, sqrt_preconditioner(preconditioner, name, j)))
             if acc[1] is not None:  # one inverse FFT for every factored layer
                 add(torch.fft.irfft(acc[1], n=s, dim=-1))
