@@ -43,10 +43,10 @@ from . import torchfunc as _reference
 METHODS = ("auto", "reference", "fast")
 
 # Devices on which ``method="auto"`` times both paths on the first call of each (function, model,
-# shapes, dtypes) and keeps the faster one. On an H200 the reference was 3–9× slower than the
+# shapes, dtypes) and keeps the faster one. On an H200 the torch.func path was 3–9× slower than the
 # fast path on an MLP and a small CNN, but 4–7× *faster* on a ResNet-18 layout and a transformer
 # (benchmarks/kernels.py), so a fixed rule is wrong on GPUs. On CPU the fast path stays the rule:
-# the reference costs O(m·k·P) memory and one slow first call per shape.
+# the torch.func path costs O(m·k·P) memory and one slow first call per shape.
 AUTOTUNE_DEVICES = {"cuda"}
 _choices: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[tuple, str]]" = weakref.WeakKeyDictionary()
 
@@ -188,7 +188,7 @@ def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, metho
 
     ``"auto"``/``"fast"`` materialize per-layer per-sample gradients from hooked activations and one
     batched backward of the ``k`` output cotangents, writing straight into the output; parameters
-    without a handler go through the reference path (``"fast"`` raises instead). ``memory_budget``
+    without a handler go through the torch.func path (``"fast"`` raises instead). ``memory_budget``
     bounds the transient memory per chunk of samples (the output itself is not counted).
 
     >>> import torch

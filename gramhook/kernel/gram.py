@@ -32,9 +32,9 @@ __all__ = ["Factors", "capture_factors", "cross_kernel", "empirical_ntk", "gradi
 class Factors:
     """Captured factors of a sample set, reusable across kernels (e.g. probe × reference batches).
 
-    ``chunks[i]`` maps full parameter names to either ``(c, q, D)`` materialized
-    an :class:`Outer` (ghost form); every materialized parameter (and the reference-path ones) is
-    concatenated, ``P^{1/2}``-scaled, into one ``(c, q, D_dense)`` tensor under ``"<dense>"``.
+    ``chunks[i]`` maps the full name of each ghost-form weight to its :class:`Outer` factors;
+    every materialized parameter (and the torch.func ones) is concatenated, ``P^{1/2}``-scaled,
+    into one ``(c, q, D_dense)`` tensor under ``"<dense>"``, so a block is one GEMM for them all.
     ``chunks[i]`` is ``None`` when the chunk is recomputed on demand.
     """
 
@@ -279,7 +279,7 @@ def empirical_ntk(
     memory_budget: int = torchfunc.DEFAULT_MEMORY_BUDGET,
     strict: bool = False,
 ) -> Tensor:
-    """Empirical NTK by per-layer handlers; same contract as the reference.
+    """Empirical NTK by per-layer handlers; same contract as :func:`gramhook.kernel.torchfunc.empirical_ntk`.
 
     Returns:
         ``(m1, k, m2, k)``, ``Θ[i, a, j, b] = ∂f_a(x1_i)/∂w · P · ∂f_b(x2_j)/∂w``.

@@ -141,12 +141,12 @@ def flat_jacobian(
     directly in their columns of the preallocated output: a broadcast outer product for flat
     Linear layers, blocked GEMMs over positions for convolutions and sequences
     (:func:`_write_outer`), a copy for biases and norm affines, a scatter for Embedding.
-    Parameters without a handler (and ``names`` that are not ``requires_grad``) take the reference
+    Parameters without a handler (and ``names`` that are not ``requires_grad``) take the
     torch.func path for their own columns only. Large CPU outputs use transparent huge pages
     (:data:`USE_HUGE_PAGES`).
 
     ``memory_budget`` bounds the transient memory per chunk (captured activations, output
-    gradients, unfolded inputs, reference-path Jacobians); the output itself is not counted.
+    gradients, unfolded inputs, torch.func Jacobians); the output itself is not counted.
     Out-of-memory errors retry with half the chunk.
 
     Raises:
@@ -230,7 +230,7 @@ def flat_vjp(
     """Per-sample vector–Jacobian products ``P^{1/2} J_iᵀ c_{i,q}``, flattened; fast path.
 
     One forward with hooks and one backward per cotangent row; handled parameters are formed
-    from their layer's factors, the others through the reference path.
+    from their layer's factors, the others through the torch.func path.
 
     Args:
         cotangents: ``(m, q, k)``.

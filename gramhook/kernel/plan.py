@@ -57,7 +57,7 @@ class LayerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Which parameters go through handlers and which through the reference path."""
+    """Which parameters go through handlers and which through the torch.func path."""
 
     layers: Tuple[LayerPlan, ...]
     fallback: Tuple[str, ...]
@@ -92,7 +92,7 @@ def make_plan(model: nn.Module, x: Tensor, *, strict: bool = False) -> Plan:
 
 
 def _plan_for(model: nn.Module, x: Tensor, *, strict: bool = False) -> Plan:
-    """Assign each trainable parameter to a handler or to the reference path.
+    """Assign each trainable parameter to a handler or to the torch.func path.
 
     Runs the model on ``x[:1]`` (in eval mode, with grad enabled so that modules take their
     differentiable code paths) to check that each candidate layer is called exactly once with a
@@ -156,7 +156,7 @@ def _make_plan(model, x, trainable, candidates, strict) -> Plan:
         try:
             with torch.enable_grad():
                 # Two samples: a layer whose input does not carry the batch (an embedding of
-                # position ids shaped (1, T), broadcast later) is left to the reference path.
+                # position ids shaped (1, T), broadcast later) is left to the torch.func path.
                 out = model(torch.cat([x[:1], x[:1]]))[:1].reshape(1, -1)
         finally:
             for hd in hooks:

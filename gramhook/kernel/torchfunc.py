@@ -262,7 +262,7 @@ def gradient_gram(
 
 
 def gaussian_sketch_matrix(name: str, numel: int, s: int, seed: int, dtype, device) -> Tensor:
-    """The reference sketch block for one parameter: ``(numel, s)`` with N(0, 1/s) entries.
+    """The dense Gaussian sketch block of ``method="reference"`` for one parameter: ``(numel, s)`` with N(0, 1/s) entries.
 
     Seeded from ``seed`` and the parameter name, so every call returns the same block.
     """
@@ -283,7 +283,7 @@ def sketched_jacobian(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     cotangents: Optional[Tensor] = None,
 ) -> Tensor:
-    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), reference path.
+    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), torch.func path.
 
     ``S`` is a Gaussian Johnson–Lindenstrauss matrix, one ``(numel, s)`` block per parameter
     (:func:`gaussian_sketch_matrix`), so ``⟨ĵ_i a, ĵ_j b⟩ ≈ Θ[i, a, j, b]`` with relative error
