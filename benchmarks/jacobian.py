@@ -29,7 +29,7 @@ from torch import nn
 
 from gramhook.data import mlp, small_cnn
 from gramhook.kernel import flat_jacobian
-from gramhook.kernel.assemble import _empty_output
+from gramhook.kernel.jacobian import _empty_output
 
 
 def build(name: str, m: int, k: int) -> Tuple[nn.Module, torch.Tensor]:

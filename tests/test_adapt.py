@@ -12,7 +12,7 @@ from torch import nn
 
 from gramhook import GramMonitor, kernel
 from gramhook.adapt import Adapted, InputSpec, prepare, select_output
-from gramhook.kernel import assemble
+from gramhook.kernel.plan import make_plan
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,7 +86,7 @@ def test_kernels_on_transformer_modules_match_autograd(name):
     sk = kernel.sketched_jacobian(model, x, 8192)            # unbiased, relative error ~ 1/sqrt(s)
     est = torch.einsum("iap,jbp->iajb", sk, sk)
     assert float((est - ntk).norm() / ntk.norm()) < 0.1
-    plan = assemble.make_plan(model, x)
+    plan = make_plan(model, x)
     handled = {full for lp in plan.layers for _, full in lp.params}
     if name.startswith("gpt2"):
         assert "model.transformer.h.0.attn.c_attn.weight" in handled          # the Conv1D handler

@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from gramhook.kernel import assemble, empirical_ntk, flat_jacobian, gradient_gram, sketched_jacobian
-from gramhook.kernel import reference as ref
+from gramhook.kernel import empirical_ntk, flat_jacobian, gradient_gram, gram, jacobian, per_sample, sketched_jacobian, sketch
+from gramhook.kernel import torchfunc as ref
+from gramhook.kernel.plan import choose_forms, make_plan
 from gramhook.kernel.layers import Outer
 
 # Relative Frobenius tolerances by dtype (neural-tangents style table).
@@ -181,7 +182,7 @@ def test_resnet18_layout_at_32x32(precond):
     net = _randomize_bn(resnet18_layout()).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     pre = _adam_like(net) if precond else None
-    assert assemble.make_plan(net, x).fallback == ()
+    assert make_plan(net, x).fallback == ()
     got = empirical_ntk(net, x, preconditioner=pre, method="fast")
     assert rel(got, ref.empirical_ntk(net, x, preconditioner=pre)) < TOL[torch.float64]
 
@@ -203,9 +204,9 @@ def test_gradient_gram_fast_matches_reference(name, loss, precond):
 
 def test_fast_covers_everything_except_raw_parameters():
     net, x, _ = _build("resnet")
-    assert assemble.make_plan(net, x).fallback == ()
+    assert make_plan(net, x).fallback == ()
     net, x, _ = _build("transformer")
-    fallback = assemble.make_plan(net, x).fallback
+    fallback = make_plan(net, x).fallback
     # MultiheadAttention uses in_proj_weight (a raw Parameter) and out_proj.weight without calling
     # out_proj: both take the reference path.
     assert "enc.layers.0.self_attn.in_proj_weight" in fallback
@@ -219,7 +220,7 @@ def test_reused_and_tied_layers_fall_back():
     lin = nn.Linear(4, 4)
     net = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 2)).double()
     x = torch.randn(3, 4, dtype=torch.float64)
-    assert set(assemble.make_plan(net, x).fallback) == {"0.weight", "0.bias"}
+    assert set(make_plan(net, x).fallback) == {"0.weight", "0.bias"}
     assert rel(empirical_ntk(net, x), ref.empirical_ntk(net, x)) < 1e-6
 
     emb = nn.Embedding(7, 4)
@@ -227,7 +228,7 @@ def test_reused_and_tied_layers_fall_back():
     head.weight = emb.weight
     tied = nn.Sequential(emb, nn.Tanh(), head).double()
     xi = torch.randint(0, 7, (3, 2))
-    assert "0.weight" in assemble.make_plan(tied, xi).fallback
+    assert "0.weight" in make_plan(tied, xi).fallback
     assert rel(empirical_ntk(tied, xi), ref.empirical_ntk(tied, xi)) < 1e-6
 
 
@@ -260,24 +261,24 @@ def test_conv_shapes(groups, kernel, stride, padding, dilation, one_d, mode):
 
 def test_ghost_and_dense_forms_agree():
     net, x, _ = _build("mlp")
-    plan = assemble.make_plan(net, x)
-    forms = assemble.choose_forms(plan, 4, 4, 3, None)
+    plan = make_plan(net, x)
+    forms = choose_forms(plan, 4, 4, 3, None)
     assert "ghost" in forms.values()  # flat Linear layers go ghost
-    fg = assemble.capture_factors(net, x, plan=plan)
+    fg = gram.capture_factors(net, x, plan=plan)
     # ghost weights with their biases folded in: no (m, k, D) per-sample gradient is stored
     assert all(isinstance(r, Outer) for r in fg.chunks[0].values())
-    ghost = assemble.cross_kernel(fg)
-    f = assemble.capture_factors(net, x, plan=plan, preconditioner={n: torch.ones_like(p) for n, p in net.named_parameters()})
+    ghost = gram.cross_kernel(fg)
+    f = gram.capture_factors(net, x, plan=plan, preconditioner={n: torch.ones_like(p) for n, p in net.named_parameters()})
     assert set(f.forms.values()) == {"dense"}
-    assert rel(assemble.cross_kernel(f), ghost) < 1e-12
+    assert rel(gram.cross_kernel(f), ghost) < 1e-12
 
 
 def test_chunking_and_recompute_match():
     net, x1, x2 = _build("cnn")
     want = ref.empirical_ntk(net, x1, x2)
-    f1 = assemble.capture_factors(net, x1, chunk=3, store=False, other_size=3)
-    f2 = assemble.capture_factors(net, x2, plan=f1.plan, chunk=2, store=True, other_size=4)
-    assert rel(assemble.cross_kernel(f1, f2), want) < 1e-6
+    f1 = gram.capture_factors(net, x1, chunk=3, store=False, other_size=3)
+    f2 = gram.capture_factors(net, x2, plan=f1.plan, chunk=2, store=True, other_size=4)
+    assert rel(gram.cross_kernel(f1, f2), want) < 1e-6
     # A tiny budget forces chunks of one sample, recomputed for every block.
     assert rel(empirical_ntk(net, x1[:2], x2[:2], memory_budget=1), want[:2, :, :2]) < 1e-6
 
@@ -285,7 +286,7 @@ def test_chunking_and_recompute_match():
 def test_oom_retry_halves_chunk(monkeypatch):
     net, x, _ = _build("cnn")
     want = ref.empirical_ntk(net, x)
-    real = assemble._chunk_contributions
+    real = per_sample.chunk_contributions
     seen = []
 
     def flaky(model, plan, xs, cot, **kw):
@@ -295,7 +296,7 @@ def test_oom_retry_halves_chunk(monkeypatch):
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, plan, xs, cot, **kw)
 
-    monkeypatch.setattr(assemble, "_chunk_contributions", flaky)
+    monkeypatch.setattr(per_sample, "chunk_contributions", flaky)
     got = empirical_ntk(net, x)
     assert seen[0] == 4 and max(seen[1:]) == 2
     assert rel(got, want) < 1e-6
@@ -303,7 +304,7 @@ def test_oom_retry_halves_chunk(monkeypatch):
     def always(model, plan, xs, cot, **kw):
         raise RuntimeError("some other failure")
 
-    monkeypatch.setattr(assemble, "_chunk_contributions", always)
+    monkeypatch.setattr(per_sample, "chunk_contributions", always)
     with pytest.raises(RuntimeError, match="other failure"):
         empirical_ntk(net, x)
 
@@ -352,16 +353,16 @@ def test_fft_and_dense_sketch_routes_are_the_same_sketch():
     a = torch.randn(3, 2, 4, 5, dtype=torch.float64)  # (c, G, T, d_in)
     b = torch.randn(3, 2, 2, 4, 3, dtype=torch.float64)  # (c, q, G, T, d_out)
     o = Outer(a, b, 5, (6, 5))
-    h = assemble._hashes("w", (6, 5), 16, 0, "cpu")
-    dense = assemble._count_sketch_dense(o.dense().reshape(3, 2, -1), h, 16)
-    assert torch.allclose(assemble._tensor_sketch(o, h, 16), dense, atol=1e-10)
-    signed = assemble._count_sketch_dense(assemble._signed(o, h).dense().reshape(3, 2, -1), h, 16, signed=True)
+    h = sketch._hashes("w", (6, 5), 16, 0, "cpu")
+    dense = sketch._count_sketch_dense(o.dense().reshape(3, 2, -1), h, 16)
+    assert torch.allclose(sketch._tensor_sketch(o, h, 16), dense, atol=1e-10)
+    signed = sketch._count_sketch_dense(sketch._signed(o, h).dense().reshape(3, 2, -1), h, 16, signed=True)
     assert torch.allclose(signed, dense, atol=1e-10)
     idx = torch.randint(0, 7, (3, 1, 4))
     o = Outer(idx, torch.randn(3, 2, 1, 4, 3, dtype=torch.float64), 7, (7, 3), a_is_row=True)
-    h = assemble._hashes("e", (7, 3), 16, 0, "cpu")
-    dense = assemble._count_sketch_dense(o.dense().reshape(3, 2, -1), h, 16)
-    assert torch.allclose(assemble._tensor_sketch(o, h, 16), dense, atol=1e-10)
+    h = sketch._hashes("e", (7, 3), 16, 0, "cpu")
+    dense = sketch._count_sketch_dense(o.dense().reshape(3, 2, -1), h, 16)
+    assert torch.allclose(sketch._tensor_sketch(o, h, 16), dense, atol=1e-10)
 
 
 def test_reference_method_dispatch():
@@ -458,7 +459,7 @@ def test_flat_jacobian_chunks_and_write_blocks(name, block, monkeypatch):
     net, x = _build_jac(name)
     want = ref.flat_jacobian(net, x)
     if block is not None:  # the per-output GEMM route (huge layers) and blocks of one or two samples
-        monkeypatch.setattr(assemble, "_WRITE_BLOCK_ELEMS", block)
+        monkeypatch.setattr(jacobian, "_WRITE_BLOCK_ELEMS", block)
     _assert_jac_equal(flat_jacobian(net, x, memory_budget=1), want)  # chunks of one sample
     _assert_jac_equal(flat_jacobian(net, x), want)
 
@@ -469,7 +470,7 @@ def test_flat_jacobian_oom_retry_and_dispatch(monkeypatch):
     assert torch.equal(flat_jacobian(net, x, method="reference"), want)
     with pytest.raises(ValueError, match="method must be one of"):
         flat_jacobian(net, x, method="slow")
-    real = assemble._chunk_contributions
+    real = per_sample.chunk_contributions
     seen = []
 
     def flaky(model, plan, xs, cot, **kw):
@@ -478,7 +479,7 @@ def test_flat_jacobian_oom_retry_and_dispatch(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, plan, xs, cot, **kw)
 
-    monkeypatch.setattr(assemble, "_chunk_contributions", flaky)
+    monkeypatch.setattr(per_sample, "chunk_contributions", flaky)
     _assert_jac_equal(flat_jacobian(net, x), want)
     assert seen[0] == 4 and max(seen[1:]) == 2
 
@@ -505,14 +506,14 @@ def test_flat_jacobian_strict_and_autocast():
 def test_flat_jacobian_backward_mode(name, loop, monkeypatch):
     """One batched backward of the k cotangents, or a loop over them where vmap would loop op by op."""
     net, x = _build_jac(name)
-    real = assemble._chunk_contributions
+    real = per_sample.chunk_contributions
     modes = []
 
     def spy(model, plan, xs, cot, **kw):
         modes.append(kw.get("loop", False))
         return real(model, plan, xs, cot, **kw)
 
-    monkeypatch.setattr(assemble, "_chunk_contributions", spy)
+    monkeypatch.setattr(per_sample, "chunk_contributions", spy)
     _assert_jac_equal(flat_jacobian(net, x), ref.flat_jacobian(net, x))
     assert modes == [loop]
     assert not torch._C._debug_only_are_vmap_fallback_warnings_enabled()  # global flag restored
@@ -521,7 +522,7 @@ def test_flat_jacobian_backward_mode(name, loop, monkeypatch):
 def test_flat_jacobian_large_output_buffer():
     """Outputs of 32 MiB or more are advised as huge pages on Linux: still an ordinary tensor."""
     n = (40 << 20) // 4
-    t = assemble._empty_output((n // 8, 8), torch.float32, torch.device("cpu"))
+    t = jacobian._empty_output((n // 8, 8), torch.float32, torch.device("cpu"))
     assert t.shape == (n // 8, 8) and t.is_contiguous() and t.storage_offset() == 0
     t.fill_(2.0)
     assert t.sum().item() == 2.0 * n
@@ -537,7 +538,7 @@ def test_auto_autotunes_on_listed_devices(monkeypatch):
     want = ref.empirical_ntk(net, x)
     calls = []
     for name in ("empirical_ntk", "flat_jacobian"):
-        for module, tag in ((K._fast, "fast"), (K._reference, "reference")):
+        for module, tag in ((K._gram if name == "empirical_ntk" else K._jacobian, "fast"), (K._reference, "reference")):
             real = getattr(module, name)
 
             def spy(*a, _real=real, _tag=tag, _name=name, **kw):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates, fold_rates, sketch_extrapolation_factor
-from gramhook.kernel import reference as ref
+from gramhook.kernel import torchfunc as ref
 from gramhook.kernel import sketched_jacobian
 from gramhook.losses import resolve_loss
 from gramhook.measure import sampled_half_hessian

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import linalg
+
 __all__ = [
     "EffectiveGramStats",
     "EffectiveGram",
@@ -113,14 +115,14 @@ def residual_propagator(theta: Tensor, hessian: Tensor, dt: float, state: Option
         ``exp(−(dt/m) Λ Θ) @ state``, ``(m*k, c)``, or the ``(m*k, m*k)`` matrix.
     """
     m, k = _kernel_shape(theta)
-    half = _sqrt_psd(hessian)                                       # L_i, (m, k, k), symmetric
+    half = linalg.sqrt_psd(hessian)                                 # L_i, (m, k, k), symmetric
     tl = torch.einsum("iajc,jcb->iajb", 0.5 * (theta + theta.permute(2, 3, 0, 1)), half)   # Θ L
     ltl = torch.einsum("ica,icjb->iajb", half, tl).reshape(m * k, m * k)                 # Lᵀ Θ L
-    e, q = _eigh(0.5 * (ltl + ltl.T) / m)
+    e, q = linalg.eigh(ltl / m)
     tl = tl.reshape(m * k, m * k)
     if state is None:
         state = torch.eye(m * k, dtype=theta.dtype, device=theta.device)
-    coef = (q * _phi(e.clamp(min=0), dt)) @ (q.T @ (tl.T @ state))                  # (mk, c)
+    coef = (q * linalg.decay_integral(e.clamp(min=0), dt)) @ (q.T @ (tl.T @ state))   # (mk, c)
     return state - torch.einsum("iac,icx->iax", half, coef.reshape(m, k, -1)).reshape(m * k, -1) / m
 
 
@@ -165,7 +167,7 @@ def benign_fraction(matrix: Tensor, residual: Tensor) -> float:
     """
     r = residual.reshape(-1).to(matrix.dtype)
     norm2 = float(r @ r)
-    e, q = _eigh(0.5 * (matrix + matrix.T))                         # ascending
+    e, q = linalg.eigh(matrix)                                     # ascending
     e = e.clamp(min=0)
     trace = float(e.sum())
     if norm2 == 0.0 or trace <= 0.0:
@@ -317,26 +319,3 @@ def _kernel_shape(theta: Tensor):
     if theta.dim() != 4 or theta.shape[0] != theta.shape[2] or theta.shape[1] != theta.shape[3]:
         raise ValueError(f"Expected a probe kernel of shape (m, k, m, k), got {tuple(theta.shape)}.")
     return int(theta.shape[0]), int(theta.shape[1])
-
-
-def _eigh(mat: Tensor):
-    """``eigh`` computed in float64, returned in ``mat.dtype``.
-
-    Float32 ``eigh`` on the low-rank kernels met here (many eigenvalues near 0) took 10.7 s at
-    size 1280 on CPU (MKL), against 1.3 s in float64.
-    """
-    e, q = torch.linalg.eigh(mat.double())
-    return e.to(mat.dtype), q.to(mat.dtype)
-
-
-def _sqrt_psd(mat: Tensor) -> Tensor:
-    """Symmetric square root of a batch of PSD matrices ``(..., k, k)``."""
-    e, v = torch.linalg.eigh(0.5 * (mat + mat.transpose(-1, -2)))
-    return (v * e.clamp(min=0).sqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
-
-
-def _phi(e: Tensor, dt: float) -> Tensor:
-    """``(1 − exp(−dt e))/e``, continuous at ``e = 0``."""
-    small = (dt * e).abs() < 1e-8
-    safe = torch.where(small, torch.ones_like(e), e)
-    return torch.where(small, dt * (1 - 0.5 * dt * e), -torch.expm1(-dt * safe) / safe)

@@ -34,6 +34,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from . import linalg
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
@@ -229,32 +231,6 @@ class GapEstimate:
     time: float
 
 
-def _eigh(mat: Tensor) -> tuple:
-    """``eigh`` in float64 (much faster and more accurate than float32 LAPACK on CPU here)."""
-    e, v = torch.linalg.eigh(mat.double())
-    return e.to(mat.dtype), v.to(mat.dtype)
-
-
-def _sqrt_psd(mat: Tensor) -> Tensor:
-    """Symmetric square root of a batch of PSD matrices ``(..., k, k)``."""
-    e, v = _eigh(mat)
-    return (v * e.clamp(min=0).sqrt().unsqueeze(-2)) @ v.transpose(-1, -2)
-
-
-def _phi(e: Tensor, dt: float) -> Tensor:
-    """``(1 − exp(−dt e))/e``, continuous at ``e = 0``."""
-    small = (dt * e).abs() < 1e-8
-    safe = torch.where(small, torch.ones_like(e), e)
-    return torch.where(small, dt * (1 - 0.5 * dt * e), -torch.expm1(-dt * safe) / safe)
-
-
-def _psi(e: Tensor, dt: float, cap: float = 30.0) -> Tensor:
-    """``(exp(dt e) − 1)/e``, with the exponent capped to keep splitting stable."""
-    small = (dt * e).abs() < 1e-8
-    safe = torch.where(small, torch.ones_like(e), e)
-    return torch.where(small, dt * (1 + 0.5 * dt * e), torch.expm1((dt * safe).clamp(max=cap)) / safe)
-
-
 def perturbation_factor(grads: Tensor, metric: Optional[Tensor], n_train: int, standin: Optional[Tensor] = None) -> float:
     """ε̄ = (1/n)·[mean_i G_ii − mean_{i≠j} G_ij] (or minus mean_i ⟨∇ℓ_i, P ∇ℓ_h⟩ with a holdout).
 
@@ -304,11 +280,11 @@ def _integrate(a: Tensor, a_inj: Tensor, a_end: Tensor, e: Tensor, q_own: Tensor
     b = torch.zeros_like(a)
     if steps is None:
         own_gram = torch.einsum("ikr,r,ilr->ikl", q_own, e, q_own)
-        e_own, v_own = _eigh(own_gram)
+        e_own, v_own = linalg.eigh(own_gram)
         n_sub = int(min(4096, max(1, math.ceil(dt * float(e_own.max().clamp(min=0)) / 0.05))))
         h = dt / n_sub
-        restore = (v_own * _psi(e_own.clamp(min=0), h).unsqueeze(1)) @ v_own.transpose(1, 2)
-        decay, phi = torch.exp(-h * e), _phi(e, h)
+        restore = (v_own * linalg.growth_integral(e_own.clamp(min=0), h).unsqueeze(1)) @ v_own.transpose(1, 2)
+        decay, phi = torch.exp(-h * e), linalg.decay_integral(e, h)
         for j in range(n_sub):
             rate = a_inj + ((j + 0.5) / n_sub) * (a_end - a_inj)
             a = a + 0.5 * h * rate
@@ -452,7 +428,7 @@ class ParameterSpaceEngine(_Engine):
                 # Rows sqrt(e) vᵀ J_b from Λ_b = V diag(e) Vᵀ. Directions with e below 1e-3 of the
                 # batch's largest (always one for softmax cross-entropy, most of them for confident
                 # predictions) carry almost no contraction and are dropped: R sets the O(R²·D) cost.
-                e, v = _eigh(rates.ref_hessian.to(self.delta.dtype))
+                e, v = linalg.eigh(rates.ref_hessian.to(self.delta.dtype))
                 keep = e > 1e-3 * e.max().clamp(min=1e-30)
                 rows = torch.einsum("bke,bkd->bed", v * e.clamp(min=0).sqrt().unsqueeze(1), rates.ref_jac.to(self.delta.dtype))
                 block = rows[keep] * math.sqrt(rates.ref_weight / b)
@@ -478,7 +454,8 @@ class ParameterSpaceEngine(_Engine):
     def _own_rows(self, rates: Rates) -> Tensor:
         """``z_i = Λ_i^{1/2} J_i · sqrt(probe_weight / n)`` ``(m, k, D)`` (or ``c_i J_i``, ``(m, q, D)``)."""
         if "own" not in rates.cache:
-            half = (_sqrt_psd(rates.hessian) if rates.own_cotangents is None else rates.own_cotangents).to(self.delta.dtype)
+            half = linalg.sqrt_psd(rates.hessian) if rates.own_cotangents is None else rates.own_cotangents
+            half = half.to(self.delta.dtype)
             jac = rates.probe_jac.to(self.delta.dtype)
             rates.cache["own"] = (half @ jac) * math.sqrt(rates.probe_weight / self.config.n_train)
         return rates.cache["own"]
@@ -509,7 +486,7 @@ class ParameterSpaceEngine(_Engine):
     def _rank_k_update(d: Tensor, z: Tensor, metric: Optional[Tensor], gain) -> Tensor:
         """``P z_iᵀ Q_i diag(gain(e_i)) Q_iᵀ z_i d_i`` for rows ``z`` ``(m, k, D)``: a rank-k map per sample."""
         zp = z if metric is None else z * metric
-        e, q = _eigh(zp @ z.transpose(1, 2))                        # (m, k), (m, k, k)
+        e, q = linalg.eigh(zp @ z.transpose(1, 2))                  # (m, k), (m, k, k)
         coef = torch.einsum("id,ikd->ik", d, z)
         coef = torch.einsum("ikl,il,ijl,ij->ik", q, gain(e.clamp(min=0)), q, coef)
         return torch.einsum("ik,ikd->id", coef, zp)
@@ -525,7 +502,7 @@ class ParameterSpaceEngine(_Engine):
         metric = None if rates.metric is None else rates.metric.to(dtype)
         rows, own = self._interval_rows(rates, end)                 # (R, D), own rows (m, k, D)
         zp = rows if metric is None else rows * metric
-        e, q = _eigh(zp @ rows.T)                                   # (R,), (R, R)
+        e, q = linalg.eigh(zp @ rows.T)                             # (R,), (R, R)
         e = e.clamp(min=0)
         m, k, _ = own.shape                                         # k here: own rows per sample
         q_own = q[rows.shape[0] - m * k:].reshape(m, k, -1)         # Q rows of each own row, (m, k, R)
@@ -534,9 +511,9 @@ class ParameterSpaceEngine(_Engine):
         d = self.delta + dt * ((1 - w) * inj + w * inj_end) + (b @ q.T) @ zp
         if rates.standin_jac is not None:
             # A paired stand-in z'_i is in the training set of run i: it contracts δ_i too.
-            zs = (_sqrt_psd(rates.standin_hessian) @ rates.standin_jac).to(dtype) / math.sqrt(self.config.n_train)
+            zs = (linalg.sqrt_psd(rates.standin_hessian) @ rates.standin_jac).to(dtype) / math.sqrt(self.config.n_train)
             if steps is None:
-                gain = lambda ev: -_phi(ev, dt)
+                gain = lambda ev: -linalg.decay_integral(ev, dt)
             else:
                 h = dt / steps
                 gain = lambda ev: ((1 - (h * ev).clamp(max=2.0)) ** steps - 1) / torch.where(ev > 0, ev, torch.ones_like(ev)) * (ev > 0) - dt * (ev <= 0)
@@ -684,9 +661,9 @@ class FunctionSpaceEngine(_Engine):
         m, k, _ = self.u.shape
         w = 1.0 / m
         theta = rates.theta.to(self.u.dtype).reshape(m * k, m * k)
-        lower = torch.block_diag(*_sqrt_psd(rates.hessian.to(self.u.dtype)))   # (mk, mk)
+        lower = torch.block_diag(*linalg.sqrt_psd(rates.hessian.to(self.u.dtype)))   # (mk, mk)
         tl = theta @ lower
-        e, q = _eigh(w * lower.T @ tl)
+        e, q = linalg.eigh(w * lower.T @ tl)
         e = e.clamp(min=0)
         u = self.u.reshape(m * k, m).T                              # (m columns, mk)
         inj = self._injection_cols(rates).reshape(m * k, m).T

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import linalg
+
 __all__ = [
     "InformationSpace",
     "information_space",
@@ -77,10 +79,8 @@ def information_space(theta: Tensor, *, alpha: float = 0.1, top_r: Optional[int]
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
     m, k = theta.shape[0], theta.shape[1]
     mat = theta.detach().reshape(m * k, m * k) / m
-    # float64: float32 eigh is very slow on low-rank kernels (MKL), and the small eigenvalues
-    # that decide the split are better resolved.
-    e, q = torch.linalg.eigh(0.5 * (mat + mat.T).double())
-    e, q = e.flip(0).clamp(min=0).to(mat.dtype), q.flip(1).to(mat.dtype)   # descending
+    e, q = linalg.eigh(mat)  # float64 inside: the small eigenvalues that decide the split
+    e, q = e.flip(0).clamp(min=0), q.flip(1)                                # descending
     if top_r is not None:
         dim = max(0, min(int(top_r), m * k))
     else:

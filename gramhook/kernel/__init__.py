@@ -1,23 +1,34 @@
 """Empirical NTK, gradient Grams and per-sample Jacobians (THEORY §1).
 
+One module per job, in the order data flows through a call:
+
+- :mod:`~gramhook.kernel.plan`: which trainable parameters a per-layer handler covers, in which
+  form (ghost or materialized), in chunks of how many samples; out-of-memory retries.
+- :mod:`~gramhook.kernel.per_sample`: forward hooks and one backward per chunk give each handled
+  layer's per-sample pieces (input, output-gradient); handlers in :mod:`~gramhook.kernel.layers`.
+- :mod:`~gramhook.kernel.gram`: NTK ``(m1, k, m2, k)`` and loss-gradient Gram ``(m, m)`` from them.
+- :mod:`~gramhook.kernel.sketch`: count-sketched Jacobians ``(m, k, s)`` and their transpose.
+- :mod:`~gramhook.kernel.jacobian`: flat Jacobians ``(m, k, P)`` and vector–Jacobian products.
+- :mod:`~gramhook.kernel.torchfunc`: torch.func ``vmap``/``jacrev`` for any module, the path of
+  parameters without a handler and the ground truth in tests.
+
 ``method="reference"`` contracts explicit torch.func Jacobians and works for any module; it is the
-ground truth. ``"auto"`` uses the per-layer handlers of :mod:`gramhook.kernel.layers` (assembled by
-:mod:`gramhook.kernel.assemble`) and sends each parameter without a handler through the reference
-path, parameter by parameter. ``"fast"`` is the same but raises if any trainable parameter lacks a
-handler, naming them. The same three methods serve :func:`empirical_ntk`, :func:`gradient_gram`,
-:func:`sketched_jacobian` and :func:`flat_jacobian`. On CUDA, ``"auto"`` times the fast and the
-reference path on the first call of each signature and keeps the faster (see
-:data:`AUTOTUNE_DEVICES`); both are exact, so only the speed differs.
+ground truth. ``"auto"`` uses the per-layer handlers and sends each parameter without a handler
+through the torch.func path, parameter by parameter. ``"fast"`` is the same but raises if any
+trainable parameter lacks a handler, naming them. One dispatcher (:func:`_dispatch`) serves every
+public kernel. On CUDA, ``"auto"`` times the fast and the torch.func path on the first call of each
+signature of :func:`empirical_ntk`, :func:`gradient_gram` and :func:`flat_jacobian` and keeps the
+faster (see :data:`AUTOTUNE_DEVICES`); both are exact, so only the speed differs.
 """
 from __future__ import annotations
 
 import time
 import weakref
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
-from .reference import (
+from .torchfunc import (
     DEFAULT_MEMORY_BUDGET,
     eval_mode,
     gaussian_sketch_matrix,
@@ -26,16 +37,16 @@ from .reference import (
     per_sample_jacobians,
     trainable_parameters,
 )
-from . import assemble as _fast
-from . import reference as _reference
+from . import gram as _gram, jacobian as _jacobian, sketch as _sketch
+from . import torchfunc as _reference
 
 METHODS = ("auto", "reference", "fast")
 
 # Devices on which ``method="auto"`` times both paths on the first call of each (function, model,
-# shapes, dtypes) and keeps the faster one. On an H200 the reference was 3–9× slower than the
+# shapes, dtypes) and keeps the faster one. On an H200 the torch.func path was 3–9× slower than the
 # fast path on an MLP and a small CNN, but 4–7× *faster* on a ResNet-18 layout and a transformer
 # (benchmarks/kernels.py), so a fixed rule is wrong on GPUs. On CPU the fast path stays the rule:
-# the reference costs O(m·k·P) memory and one slow first call per shape.
+# the torch.func path costs O(m·k·P) memory and one slow first call per shape.
 AUTOTUNE_DEVICES = {"cuda"}
 _choices: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[tuple, str]]" = weakref.WeakKeyDictionary()
 
@@ -85,30 +96,39 @@ def _timed(fn: Callable[[], torch.Tensor], device: torch.device):
     return out, time.perf_counter() - start
 
 
-def _auto(kind: str, model, x: torch.Tensor, key: tuple, fast: Callable[[], torch.Tensor],
-          reference: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``method="auto"``: the fast path, or on :data:`AUTOTUNE_DEVICES` the path that was faster
-    on the first call with the same function, model, shapes and options (both are exact)."""
-    if x.device.type not in AUTOTUNE_DEVICES:
-        return fast()
+def _dispatch(method: str, fast: Callable[[bool], torch.Tensor], exact: Callable[[], torch.Tensor], *,
+              model=None, x: Optional[torch.Tensor] = None, key: Optional[tuple] = None) -> torch.Tensor:
+    """Run one public kernel by ``method`` (module docstring).
+
+    Args:
+        fast: the per-layer path, called with ``strict`` (raise on parameters without a handler).
+        exact: the torch.func path.
+        model, x, key: for ``"auto"`` on :data:`AUTOTUNE_DEVICES`, the model, its input and the
+            call's signature (the kernel's name first): the first call per signature times both
+            paths and keeps the faster (both are exact). ``key=None``: ``"auto"`` is the fast path.
+    """
+    _check_method(method)
+    if method == "reference":
+        return exact()
+    if method == "fast" or key is None or x.device.type not in AUTOTUNE_DEVICES:
+        return fast(method == "fast")
     try:
         table = _choices.setdefault(model, {})
     except TypeError:  # pragma: no cover - a model that cannot be weakly referenced
-        return fast()
-    key = (kind,) + key
+        return fast(False)
     choice = table.get(key)
     if choice == "reference":
-        return reference()
+        return exact()
     if choice == "fast":
-        return fast()
-    out, t_fast = _timed(fast, x.device)
+        return fast(False)
+    out, t_fast = _timed(lambda: fast(False), x.device)
     try:
-        ref_out, t_ref = _timed(reference, x.device)
-    except Exception:  # the reference path failed (memory, an op without a batching rule): keep fast
+        exact_out, t_exact = _timed(exact, x.device)
+    except Exception:  # the torch.func path failed (memory, an op without a batching rule): keep fast
         table[key] = "fast"
         return out
-    table[key] = "reference" if t_ref < t_fast else "fast"
-    return ref_out if t_ref < t_fast else out
+    table[key] = "reference" if t_exact < t_fast else "fast"
+    return exact_out if t_exact < t_fast else out
 
 
 @torch.enable_grad()
@@ -130,20 +150,10 @@ def empirical_ntk(model, x1, x2=None, *, preconditioner=None, method="auto", mem
     >>> empirical_ntk(net, torch.randn(5, 3)).shape
     torch.Size([5, 2, 5, 2])
     """
-    _check_method(method)
-
-    def reference():
-        return _reference.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget)
-
-    def fast():
-        return _fast.empirical_ntk(model, x1, x2, preconditioner=preconditioner, memory_budget=memory_budget,
-                                   strict=method == "fast")
-
-    if method == "reference":
-        return reference()
-    if method == "fast":
-        return fast()
-    return _auto("ntk", model, x1, _signature(x1, x2, preconditioner, memory_budget), fast, reference)
+    opts = dict(preconditioner=preconditioner, memory_budget=memory_budget)
+    return _dispatch(method, lambda strict: _gram.empirical_ntk(model, x1, x2, strict=strict, **opts),
+                     lambda: _reference.empirical_ntk(model, x1, x2, **opts),
+                     model=model, x=x1, key=("ntk",) + _signature(x1, x2, preconditioner, memory_budget))
 
 
 @torch.enable_grad()
@@ -159,20 +169,10 @@ def gradient_gram(model, loss, x, y, *, preconditioner=None, method="auto", memo
     >>> gradient_gram(net, "cross_entropy", torch.randn(6, 3), torch.arange(6) % 4).shape
     torch.Size([6, 6])
     """
-    _check_method(method)
-
-    def reference():
-        return _reference.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget)
-
-    def fast():
-        return _fast.gradient_gram(model, loss, x, y, preconditioner=preconditioner, memory_budget=memory_budget,
-                                   strict=method == "fast")
-
-    if method == "reference":
-        return reference()
-    if method == "fast":
-        return fast()
-    return _auto("gram", model, x, _signature(x, y, loss, preconditioner, memory_budget), fast, reference)
+    opts = dict(preconditioner=preconditioner, memory_budget=memory_budget)
+    return _dispatch(method, lambda strict: _gram.gradient_gram(model, loss, x, y, strict=strict, **opts),
+                     lambda: _reference.gradient_gram(model, loss, x, y, **opts),
+                     model=model, x=x, key=("gram",) + _signature(x, y, loss, preconditioner, memory_budget))
 
 
 @torch.enable_grad()
@@ -188,7 +188,7 @@ def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, metho
 
     ``"auto"``/``"fast"`` materialize per-layer per-sample gradients from hooked activations and one
     batched backward of the ``k`` output cotangents, writing straight into the output; parameters
-    without a handler go through the reference path (``"fast"`` raises instead). ``memory_budget``
+    without a handler go through the torch.func path (``"fast"`` raises instead). ``memory_budget``
     bounds the transient memory per chunk of samples (the output itself is not counted).
 
     >>> import torch
@@ -196,22 +196,11 @@ def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, metho
     >>> flat_jacobian(net, torch.randn(5, 3)).shape
     torch.Size([5, 2, 26])
     """
-    _check_method(method)
-
-    def reference():
-        return _reference.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
-                                        memory_budget=memory_budget)
-
-    def fast():
-        return _fast.flat_jacobian(model, x, preconditioner=preconditioner, power=power, names=names,
-                                   memory_budget=memory_budget, strict=method == "fast")
-
-    if method == "reference":
-        return reference()
-    if method == "fast":
-        return fast()
-    key = _signature(x, preconditioner, power, tuple(names) if names is not None else None, memory_budget)
-    return _auto("jacobian", model, x, key, fast, reference)
+    opts = dict(preconditioner=preconditioner, power=power, names=names, memory_budget=memory_budget)
+    key = ("jacobian",) + _signature(x, preconditioner, power, tuple(names) if names is not None else None,
+                                     memory_budget)
+    return _dispatch(method, lambda strict: _jacobian.flat_jacobian(model, x, strict=strict, **opts),
+                     lambda: _reference.flat_jacobian(model, x, **opts), model=model, x=x, key=key)
 
 
 @torch.enable_grad()
@@ -225,19 +214,17 @@ def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto"
     ``⟨ĵ_i[a], ĵ_j[b]⟩`` estimates ``Θ[i, a, j, b]`` without bias, relative error ≈ ``1/sqrt(s)``;
     a fixed ``seed`` gives the same ``S`` on every call. The fast paths (``"auto"``, ``"fast"``)
     use a per-parameter count-sketch that is never materialized; ``"reference"`` uses dense Gaussian
-    blocks (:func:`gaussian_sketch_matrix`). The two are different sketches of the same Jacobian.
+    blocks (:func:`gaussian_sketch_matrix`). The two are different sketches of the same Jacobian,
+    so ``"auto"`` is never autotuned here.
 
     >>> import torch
     >>> net = torch.nn.Linear(3, 2)
     >>> sketched_jacobian(net, torch.randn(4, 3), 16).shape
     torch.Size([4, 2, 16])
     """
-    _check_method(method)
-    if method == "reference":
-        return _reference.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
-                                            memory_budget=memory_budget, cotangents=cotangents)
-    return _fast.sketched_jacobian(model, x, s, seed=seed, preconditioner=preconditioner,
-                                   memory_budget=memory_budget, strict=method == "fast", cotangents=cotangents)
+    opts = dict(seed=seed, preconditioner=preconditioner, memory_budget=memory_budget, cotangents=cotangents)
+    return _dispatch(method, lambda strict: _sketch.sketched_jacobian(model, x, s, strict=strict, **opts),
+                     lambda: _reference.sketched_jacobian(model, x, s, **opts))
 
 
 @torch.enable_grad()
@@ -255,16 +242,18 @@ def vjp_rows(model, x, cotangents, *, s=None, seed=0, preconditioner=None, metho
     >>> vjp_rows(net, torch.randn(4, 3), torch.randn(4, 1, 2)).shape
     torch.Size([4, 1, 8])
     """
-    _check_method(method)
     if s is not None:
         return sketched_jacobian(model, x, int(s), seed=seed, preconditioner=preconditioner, method=method,
                                  memory_budget=memory_budget, cotangents=cotangents)
-    if method == "reference":
+
+    def exact():
         jac = _reference.flat_jacobian(model, x, preconditioner=preconditioner, power=0.5, names=names,
                                        memory_budget=memory_budget)
         return torch.einsum("mqk,mkd->mqd", cotangents.to(jac.dtype), jac)
-    return _fast.flat_vjp(model, x, cotangents, preconditioner=preconditioner, memory_budget=memory_budget,
-                          strict=method == "fast", names=names)
+
+    return _dispatch(method, lambda strict: _jacobian.flat_vjp(model, x, cotangents, preconditioner=preconditioner,
+                                                               memory_budget=memory_budget, strict=strict, names=names),
+                     exact)
 
 
 def flat_vector(tensors, *, s=None, seed=0, preconditioner=None):
@@ -276,7 +265,7 @@ def flat_vector(tensors, *, s=None, seed=0, preconditioner=None):
     torch.Size([8])
     """
     if s is not None:
-        return _fast.sketch_vectors(tensors, int(s), seed=seed, preconditioner=preconditioner)
+        return _sketch.sketch_vectors(tensors, int(s), seed=seed, preconditioner=preconditioner)
     parts = []
     for name, t in tensors.items():
         t = (t.to_dense() if t.is_sparse else t).detach().reshape(-1)  # sparse gradients (Embedding(sparse=True))
@@ -309,7 +298,7 @@ def tangent_outputs(model, x, vectors, *, s=None, seed=0, preconditioner=None, m
     def tangent(lo, hi):
         v = vectors[lo:hi].to(next(iter(params.values())).dtype)
         if s is not None:
-            parts = _fast.unsketch(v, shapes, int(s), seed=seed)
+            parts = _sketch.unsketch(v, shapes, int(s), seed=seed)
         else:
             parts = {n: t.reshape(hi - lo, *shapes[n]) for n, t in zip(shapes, torch.split(v, sizes, dim=1))}
         if preconditioner is not None:

@@ -11,7 +11,7 @@ A handler is a small pure function ``handler(layer, a, b) -> {local_name: Contri
 
 Handlers are registered by exact module type in :data:`REGISTRY` (a subclass may override
 ``forward``, so it is not assumed to behave like its base). A parameter without a handler takes the
-reference torch.func path (see :mod:`gramhook.kernel.assemble`). Nothing is stored on modules.
+torch.func path (see :mod:`gramhook.kernel.per_sample`). Nothing is stored on modules.
 
 Every handler works in the accumulation dtype (:func:`acc_dtype`): float32 for half/bfloat16
 inputs (autocast), the input dtype otherwise.

@@ -1,4 +1,4 @@
-"""Reference kernels with torch.func: work for any ``nn.Module``; the ground truth in tests.
+"""Kernels by torch.func (vmap/jacrev): work for any ``nn.Module``; the ground truth in tests.
 
 Conventions (THEORY §1):
 
@@ -87,9 +87,16 @@ _looped: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionar
 _reverse_only: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def _is_oom(err: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", ())
-    return (bool(oom) and isinstance(err, oom)) or "out of memory" in str(err).lower()
+_OOM_ERRORS = tuple(
+    e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if e
+)
+
+
+def is_oom(err: BaseException) -> bool:
+    """An out-of-memory error: ``torch.OutOfMemoryError`` or a ``RuntimeError`` that says so."""
+    if _OOM_ERRORS and isinstance(err, _OOM_ERRORS):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
 def _per_sample(model: nn.Module, fn: Callable, batched: Sequence, shared: Sequence = ()) -> object:
@@ -102,7 +109,7 @@ def _per_sample(model: nn.Module, fn: Callable, batched: Sequence, shared: Seque
         try:
             return vmap(fn, in_dims=(None,) * len(shared) + (0,) * len(batched), randomness="same")(*shared, *batched)
         except RuntimeError as err:
-            if _is_oom(err):
+            if is_oom(err):
                 raise
             try:
                 _looped[model] = True
@@ -255,7 +262,7 @@ def gradient_gram(
 
 
 def gaussian_sketch_matrix(name: str, numel: int, s: int, seed: int, dtype, device) -> Tensor:
-    """The reference sketch block for one parameter: ``(numel, s)`` with N(0, 1/s) entries.
+    """The dense Gaussian sketch block of ``method="reference"`` for one parameter: ``(numel, s)`` with N(0, 1/s) entries.
 
     Seeded from ``seed`` and the parameter name, so every call returns the same block.
     """
@@ -276,7 +283,7 @@ def sketched_jacobian(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     cotangents: Optional[Tensor] = None,
 ) -> Tensor:
-    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), reference path.
+    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), torch.func path.
 
     ``S`` is a Gaussian Johnson–Lindenstrauss matrix, one ``(numel, s)`` block per parameter
     (:func:`gaussian_sketch_matrix`), so ``⟨ĵ_i a, ĵ_j b⟩ ≈ Θ[i, a, j, b]`` with relative error
