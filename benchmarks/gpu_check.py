@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import build  # noqa: E402
 
 from gramhook import GramMonitor  # noqa: E402
-from gramhook.data import mnist_tensors, small_cnn  # noqa: E402
+from gramhook.data import mnist_tensors  # noqa: E402
+from gramhook.training import train as train_loop  # noqa: E402
+from gramhook.zoo import small_cnn  # noqa: E402
 from gramhook.kernel import empirical_ntk, flat_jacobian, gradient_gram, sketched_jacobian  # noqa: E402
 
 TOL = 1e-6
@@ -101,12 +103,8 @@ def train(device: str, monitored: bool, steps: int = 40):
     monitor = GramMonitor(model, opt, probe=(x, y), n_train=256, loss="cross_entropy", every=5,
                           probe_size=64) if monitored else None
     gen = torch.Generator().manual_seed(1)
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, 256, (32,), generator=gen).to(device)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+    batches = (torch.randint(0, 256, (32,), generator=gen).to(device) for _ in range(steps))
+    train_loop(model, opt, x, y, loss=F.cross_entropy, batches=batches)
     if monitor is not None:
         monitor.close()
     return model, monitor

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gramhook import GramMonitor
-from gramhook.data import mlp, mnist_tensors
+from gramhook.data import mnist_tensors
+from gramhook.zoo import mlp
 
 
 class DictMLP(nn.Module):

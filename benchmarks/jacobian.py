@@ -27,7 +27,7 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import nn
 
-from gramhook.data import mlp, small_cnn
+from gramhook.zoo import mlp, small_cnn
 from gramhook.kernel import flat_jacobian
 from gramhook.kernel.jacobian import _empty_output
 

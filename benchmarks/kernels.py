@@ -34,77 +34,19 @@ import torch
 from torch import nn
 
 from gramhook.kernel import empirical_ntk, gradient_gram, sketched_jacobian
-
-try:
-    from gramhook.data import mlp as _data_mlp, small_cnn as _data_small_cnn
-except ImportError:  # pragma: no cover
-    _data_mlp = _data_small_cnn = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Models
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x if self.down is None else self.down(x)
-        return self.relu(out)
-
-
-def resnet18(width: int = 16, k: int = 10) -> nn.Module:
-    """ResNet-18 layout for 32x32 inputs (3x3 stem, 4 stages of 2 BasicBlocks), base ``width``."""
-    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-    cin = width
-    for i, w in enumerate((width, 2 * width, 4 * width, 8 * width)):
-        layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
-        cin = w
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, k)]
-    return nn.Sequential(*layers)
-
-
-class Encoder(nn.Module):
-    def __init__(self, vocab: int = 1000, d: int = 64, layers: int = 4, k: int = 10):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        block = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, k)
-
-    def forward(self, x):
-        return self.head(self.enc(self.emb(x)).mean(dim=1))
-
-
-def small_cnn(k: int) -> nn.Module:
-    if _data_small_cnn is not None:
-        return _data_small_cnn(1, k)
-    return nn.Sequential(nn.Conv2d(1, 16, 5, 2), nn.ReLU(), nn.Conv2d(16, 32, 5, 2), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(512, k))
+from gramhook.zoo import TokenEncoder, mlp, resnet18, small_cnn
 
 
 def build(name: str, m: int, k: int, args) -> Tuple[nn.Module, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     if name == "mlp":
-        net = _data_mlp(784, 256, k) if _data_mlp else nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, k))
-        return net, torch.randn(m, 1, 28, 28, generator=g)
+        return mlp(784, 256, k), torch.randn(m, 1, 28, 28, generator=g)
     if name == "cnn":
-        return small_cnn(k), torch.randn(m, 1, 28, 28, generator=g)
+        return small_cnn(1, k), torch.randn(m, 1, 28, 28, generator=g)
     if name == "resnet18":
         return resnet18(args.width, k), torch.randn(m, 3, 32, 32, generator=g)
     if name == "transformer":
-        return Encoder(k=k), torch.randint(0, 1000, (m, args.seq), generator=g)
+        return TokenEncoder(k=k), torch.randint(0, 1000, (m, args.seq), generator=g)
     raise ValueError(f"unknown model {name!r}; choose from mlp, cnn, resnet18, transformer")
 
 

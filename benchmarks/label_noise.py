@@ -40,7 +40,9 @@ from gramhook import GramMonitor  # noqa: E402
 from gramhook import insight  # noqa: E402
 from gramhook import kernel  # noqa: E402
 from gramhook.losses import residual_and_hessian  # noqa: E402
-from gramhook.data import cnn1d, mlp, mnist1d_tensors, mnist_tensors  # noqa: E402
+from gramhook.data import mnist1d_tensors, mnist_tensors  # noqa: E402
+from gramhook.training import train  # noqa: E402
+from gramhook.zoo import cnn1d, mlp  # noqa: E402
 
 PAIRS = {0: 6, 1: 7, 2: 7, 3: 8, 4: 9, 5: 6, 6: 5, 7: 1, 8: 3, 9: 4}
 BASELINES = ("final_loss", "cum_loss", "aum")
@@ -95,17 +97,13 @@ def run(dataset: str, rate: float, kind: str, *, n: int, epochs: int, seed: int)
     margin_sum = torch.zeros(n, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed + 2)
     start = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for lo in range(0, n, batch):
-            b = perm[lo:lo + batch]
-            out = model(x[b])
-            losses = F.cross_entropy(out, y_noisy[b], reduction="none")
-            opt.zero_grad()
-            losses.mean().backward()
-            opt.step()
-            cum_loss[b] += losses.detach().double()
-            margin_sum[b] += insight.margins_of(out, y_noisy[b])
+
+    def on_step(step, b, out):
+        cum_loss[b] += F.cross_entropy(out, y_noisy[b], reduction="none").double()
+        margin_sum[b] += insight.margins_of(out, y_noisy[b])
+
+    train(model, opt, x, y_noisy, loss=F.cross_entropy, batch_size=batch, epochs=epochs, generator=gen,
+          on_step=on_step)
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():

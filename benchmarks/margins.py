@@ -26,7 +26,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gramhook import GramMonitor  # noqa: E402
-from gramhook.data import cnn1d, mnist1d_tensors, mnist_tensors  # noqa: E402
+from gramhook.data import mnist1d_tensors, mnist_tensors  # noqa: E402
+from gramhook.training import train  # noqa: E402
+from gramhook.zoo import cnn1d  # noqa: E402
 from gramhook.dynamics.spectral import normalized_margins, weight_matrices  # noqa: E402
 
 
@@ -60,13 +62,13 @@ def run(name, *, n, steps, seed):
 
     log_test()
     gen = torch.Generator().manual_seed(seed + 1)
-    for step in range(1, steps + 1):
-        b = torch.randint(0, n, (32,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x[b]), y[b]).backward()
-        opt.step()
+    batches = (torch.randint(0, n, (32,), generator=gen) for _ in range(steps))   # with replacement
+
+    def on_step(step, b, out):
         if step % every == 0:
             log_test()
+
+    train(model, opt, x, y, loss=F.cross_entropy, batches=batches, on_step=on_step)
     hist = monitor.history
     monitor.close()
     mins = [h["margin_min"] for h in hist]

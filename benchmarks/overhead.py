@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from gramhook import GramMonitor
-from gramhook.data import mnist_tensors, small_cnn
+from gramhook.data import mnist_tensors
+from gramhook.zoo import small_cnn
 
 
 def _mid_cnn():

@@ -276,7 +276,9 @@ class GradientDisparity:
 def _demo(model_name: str, epochs: int, seed: int) -> None:
     import torch.nn.functional as F
 
-    from gramhook.data import mlp, mnist_tensors, small_cnn
+    from gramhook.data import mnist_tensors
+    from gramhook.training import train
+    from gramhook.zoo import mlp, small_cnn
 
     torch.set_num_threads(1)
     x, y, xt, yt = mnist_tensors(n_train=1000)
@@ -293,21 +295,18 @@ def _demo(model_name: str, epochs: int, seed: int) -> None:
             return float(F.cross_entropy(model(xt), yt))
 
     test = {0: test_loss()}
-    step, t0 = 0, time.perf_counter()
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, B):
-            idx = perm[i:i + B]
-            if len(idx) < 2:
-                continue
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            step += 1
-            eb.update(step, x[idx], y[idx])
-            test[step] = test_loss()
-        picks = torch.randint(0, n, (gd.s, B), generator=gen)
+
+    def on_step(step, idx, out):
+        eb.update(step, x[idx], y[idx])
+        test[step] = test_loss()
+
+    def on_epoch(step):
+        picks = torch.randint(0, n, (gd.s, B), generator=gen)   # the same generator as the batch order
         gd.update(step, [(x[p], y[p]) for p in picks])
+
+    t0 = time.perf_counter()
+    step = train(model, opt, x, y, loss=F.cross_entropy, batch_size=B, epochs=epochs, generator=gen,
+                 on_step=on_step, on_epoch=on_epoch)
     secs = time.perf_counter() - t0
 
     best = min(test, key=test.get)

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from gramhook.data import mlp, mnist_tensors
+from gramhook.data import mnist_tensors
+from gramhook.zoo import mlp
 from gramhook.integrations.ddp import DistributedGramMonitor
 
 

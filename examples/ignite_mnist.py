@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events, create_supervised_trainer
 
-from gramhook.data import mlp, mnist_tensors
+from gramhook.data import mnist_tensors
+from gramhook.zoo import mlp
 from gramhook.integrations.ignite import GramMonitorHandler
 
 

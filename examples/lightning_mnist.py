@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from gramhook.data import mlp, mnist_tensors
+from gramhook.data import mnist_tensors
+from gramhook.zoo import mlp
 from gramhook.integrations.lightning import GramMonitorCallback
 
 

@@ -10,7 +10,8 @@ measured test loss. Stops early when the *predicted* test loss stops improving.
 import torch
 import torch.nn.functional as F
 
-from gramhook.data import mnist_tensors, small_cnn
+from gramhook.data import mnist_tensors
+from gramhook.zoo import small_cnn
 from gramhook import GramMonitor
 
 

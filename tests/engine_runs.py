@@ -2,7 +2,7 @@
 
 The training loop is the same one ``bruteforce.train`` uses (SGD on ``Σ loss / n`` full batch or
 ``Σ loss / batch_size`` per minibatch), so engine estimates and brute-force leave-one-out see the
-same trajectory. Used by the engine tests and by ``benchmarks/cadence.py``.
+same trajectory. Used by the engine tests and by ``benchmarks/research/cadence.py``.
 """
 from __future__ import annotations
 

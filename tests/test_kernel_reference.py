@@ -14,7 +14,8 @@ from torch import nn
 
 import gramhook
 from gramhook.optim import read_optimizer
-from models import MODELS, make, naive_gradients, naive_jacobian
+from gramhook.zoo import MODELS, make
+from naive import naive_gradients, naive_jacobian
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),  # vmap over SDPA
@@ -40,7 +41,7 @@ LOSSES = {
 }
 
 
-# -- naive truth (models.naive_jacobian / naive_gradients) ---------------------------------------
+# -- naive truth (naive.naive_jacobian / naive_gradients) ---------------------------------------
 def _trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 

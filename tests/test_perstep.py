@@ -17,7 +17,7 @@ from gramhook.capture import ProbeMatcher, StepCapture
 from gramhook.dynamics.perstep import PerStepEngine, StepRule
 from gramhook.losses import resolve_loss
 from gramhook.optim import whitening
-from models import MODELS, make
+from gramhook.zoo import MODELS, make
 
 F64 = torch.float64
 

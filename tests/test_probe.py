@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from gramhook.probe import ProbeSet, check_probe_against_model, default_probe_size, make_probe
-from models import MODELS, make
+from gramhook.zoo import MODELS, make
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
