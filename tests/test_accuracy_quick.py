@@ -45,8 +45,8 @@ def test_quick_config_at_defaults(bench):
     for k in ("pred_fin", "meas_fin", "rse", "gap_pred", "gap_meas", "ours", "hold", "oracle", "wall_ratio"):
         assert math.isfinite(res[k]), k
     # Measured: predicted gap 0.305 against 0.337 (−9%), final test loss 0.732 against 0.764
-    # (−4%). Injections scaled by 2 give a gap ratio of 2.2 and a final-loss ratio of 1.5 (which
-    # the former bound, 0.5 < ratio < 2, let through); a sign flip makes the gap negative.
+    # (−4%). Injections scaled by 2 give a gap ratio of 2.2 and a final-loss ratio of 1.5 (a
+    # bound of 0.5 < ratio < 2 lets that through); a sign flip makes the gap negative.
     assert 0.75 < res["gap_pred"] / res["gap_meas"] < 1.3
     assert abs(res["pred_fin"] / res["meas_fin"] - 1) < 0.12
     assert 0 < res["rse"] < 0.1 and res["oracle"] <= res["meas_fin"] and res["oracle"] <= res["ours"]
