@@ -1,4 +1,4 @@
-"""Issue test 1: the kernels (``method="auto"`` and ``"reference"``) equal a naive per-sample
+"""The kernels (``method="auto"`` and ``"reference"``) equal a naive per-sample
 autograd loop, in float64.
 
 The naive truth puts the model in eval mode and loops over samples and outputs with
