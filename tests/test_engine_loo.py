@@ -94,6 +94,7 @@ def test_linear_cadence_function_engine(linear):
             assert abs(_rel(b, a)) < bound
 
 
+@pytest.mark.slow
 def test_tanh_mlp_cross_entropy():
     """Tanh MLP, n=64, full-batch GD, CE, lr 2: engine (a) within 3% of brute-force LOO at t=300.
 
@@ -121,6 +122,7 @@ def sgd_run():
     return problem, batches, probe, loo, exact
 
 
+@pytest.mark.slow
 def test_sgd_minibatch_probe_subset_matches_coupled_loo(sgd_run):
     """SGD minibatches, probe m < n, one fresh reference batch per step, against coupled LOO.
 
@@ -135,6 +137,7 @@ def test_sgd_minibatch_probe_subset_matches_coupled_loo(sgd_run):
     assert corr > 0.95
 
 
+@pytest.mark.slow
 def test_sgd_sketched_coordinates_match_exact(sgd_run):
     """Sketched coordinates (count-sketch, s = 4096, P ≈ 18k) within 5% of exact coordinates."""
     problem, batches, probe, _, exact = sgd_run
@@ -144,6 +147,7 @@ def test_sgd_sketched_coordinates_match_exact(sgd_run):
     assert abs(_rel(b, a)) < 0.05
 
 
+@pytest.mark.slow
 def test_sparse_contraction_more_samples_at_the_same_cost(sgd_run):
     """One measurement per 10 steps drifts above the every-step engine (THEORY §7: contraction from
     one reference batch per interval is too weak). Sampled reference rows (one output direction
@@ -172,6 +176,7 @@ def test_sparse_contraction_more_samples_at_the_same_cost(sgd_run):
     assert abs(history) < 0.6 * plain and abs(history) < 0.10
 
 
+@pytest.mark.slow
 def test_sketch_bias_is_one_over_s_and_extrapolation_removes_it(sgd_run):
     """Sketched coordinates under-predict the exact engine, more as training goes on, by an amount
     ∝ 1/s (the count-sketch aliases the uncontracted part of δ onto the rows' directions, where the
@@ -201,6 +206,7 @@ def test_sketch_bias_is_one_over_s_and_extrapolation_removes_it(sgd_run):
     assert abs(fixed[1024] - 1) < 0.03
 
 
+@pytest.mark.slow
 def test_sketch_extrapolation_under_adam(sgd_run):
     """The same under Adam (lr 1e-3; the preconditioner is inside the sketched Jacobians).
     Measured at t=300, sketched/exact: s = 1024: 0.960 → 0.989 extrapolated (s = 256: 0.881 → 0.951)."""

@@ -94,6 +94,7 @@ def test_linear_sgd_equals_brute_force_loo(opt, window):
     assert cap.recognised == len(batches) * 8
 
 
+@pytest.mark.slow
 def test_mlp_cross_entropy_momentum_tracks_brute_force_loo():
     """Tanh MLP, CE, SGD momentum 0.9, every sample tracked, exact coordinates, sampled
     contraction rows (half of each batch): mean gap within 15% of LOO, per-sample corr > 0.85
@@ -126,6 +127,7 @@ def _mlp_loo_agreement(make):
     return float(gaps.mean() / loo.mean()), float(torch.corrcoef(torch.stack([gaps, loo]))[0, 1])
 
 
+@pytest.mark.slow
 def test_mlp_cross_entropy_adam_tracks_brute_force_loo():
     """Tanh MLP, CE, Adam, every sample tracked, exact coordinates, half-batch sampled rows: mean
     gap within 5% of LOO and per-sample corr > 0.98 (measured 1.035 and 0.998; with Adam's second
