@@ -75,10 +75,7 @@ def test_monitor_kwargs_are_the_defaults_and_variants_build(bench):
         kwargs = bench.monitor_kwargs(bench.Config("digits", 40, "mlp", "ce", "sgd"), 40, 200, args, name)
         model = torch.nn.Linear(6, 10)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        try:
-            GramMonitor(model, opt, probe=(x, y), n_train=40, **kwargs).close()
-        except TypeError as e:  # a keyword the installed GramMonitor does not know yet: reported unavailable
-            assert name != "default" and "keyword" in str(e)
+        GramMonitor(model, opt, probe=(x, y), n_train=40, **kwargs).close()  # every variant's keywords exist
 
 
 def test_rejected_variant_is_reported_unavailable(bench, monkeypatch, capsys):
@@ -98,7 +95,7 @@ def test_models_and_schedules(bench):
         opt, s, pb = bench.make_opt(cfg, model, 2, 3)
         assert isinstance(opt, torch.optim.AdamW) and (s is None) == (not sched) and pb == per_batch
     names = [c.name for c in bench.CONFIGS]
-    assert len(set(names)) == len(names) and any(c.epochs >= 20 for c in bench.CONFIGS)
+    assert len(set(names)) == len(names)
     for fam in ("mlp", "cnn", "bn_cnn", "cnn1d"):
         assert {c.loss for c in bench.CONFIGS if c.model == fam} == {"ce", "mse"}, fam
 
