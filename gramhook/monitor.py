@@ -29,6 +29,9 @@ from .dynamics.perstep import PerStepEngine
 from .optim import whitening
 from .probe import ProbeSet, check_probe_against_model, check_targets, default_probe_size, make_probe
 
+# The monitor reads wall time through this name only (tests drive a fake clock through it).
+_clock = time.perf_counter
+
 __all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
 
 HISTORY_KEYS = (
@@ -426,7 +429,7 @@ class GramMonitor:
         self._elapsed = 0.0
         self._monitor_seconds = 0.0
         self._step_seconds = 0.0      # per-step engine time, included in _monitor_seconds
-        self._started = time.perf_counter()
+        self._started = _clock()
         self._failures = guard.Failures()
         self._trainable = _trainable_names(model)
         self._told_new = False
@@ -458,7 +461,7 @@ class GramMonitor:
         self._unwritten = self.history[-1] if self.history else None
         # The budget of every=None counts from here: the step-0 readout (plans built, first calls)
         # is a one-off cost, and charging it would starve the first part of the run of readouts.
-        self._budget_origin = (time.perf_counter(), self._monitor_seconds)
+        self._budget_origin = (_clock(), self._monitor_seconds)
 
     # -- construction helpers -----------------------------------------------------------------
     @staticmethod
@@ -518,7 +521,7 @@ class GramMonitor:
         if every is None:
             since, spent = getattr(self, "_budget_origin", (self._started, 0.0))
             readouts = self._monitor_seconds - spent - self._step_seconds
-            rest = time.perf_counter() - since - readouts
+            rest = _clock() - since - readouts
             return readouts <= self.config.overhead * rest
         if callable(every):
             return bool(every(step))
@@ -579,7 +582,7 @@ class GramMonitor:
         return None
 
     def _engine_step(self) -> None:
-        start = time.perf_counter()
+        start = _clock()
         batch = self._stepper.pending[0] if self._stepper.pending else None
         try:
             with self._isolated():
@@ -594,7 +597,7 @@ class GramMonitor:
             self._stepper.pending = []
             self._report("step", self._explain(exc, batch))
         finally:
-            spent = time.perf_counter() - start
+            spent = _clock() - start
             self._monitor_seconds += spent
             self._step_seconds += spent
 
@@ -661,7 +664,7 @@ class GramMonitor:
     # -- measurement --------------------------------------------------------------------------
     def measure(self) -> Optional[Dict[str, float]]:
         """Measure now. Failures are reported once and skipped; training goes on."""
-        start = time.perf_counter()
+        start = _clock()
         try:
             with self._isolated():
                 record = self._measure()
@@ -671,9 +674,9 @@ class GramMonitor:
                 self._shrink()
             return None
         finally:
-            self._monitor_seconds += time.perf_counter() - start
-        record["monitor_seconds"] = time.perf_counter() - start
-        outside = time.perf_counter() - self._started - self._monitor_seconds
+            self._monitor_seconds += _clock() - start
+        record["monitor_seconds"] = _clock() - start
+        outside = _clock() - self._started - self._monitor_seconds
         # Monitor time over the user's time since the monitor was attached; undefined before any step.
         record["overhead"] = self._monitor_seconds / outside if self.step > 0 and outside > 0 else math.nan
         self.history.append(record)

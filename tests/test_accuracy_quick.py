@@ -1,7 +1,8 @@
 """CI subset of benchmarks/accuracy.py: one small MNIST config at the monitor's defaults.
 
-Loose bounds only: a regression that breaks the prediction (NaN, wrong scale, a crash in a run or
-a baseline) fails; the benchmark itself reports the real accuracy. The full grid stays out of CI.
+The bounds hold the measured accuracy with margin and fail a prediction that is NaN, of the wrong
+sign or off by a factor of two; the benchmark itself reports the real accuracy. The full grid
+stays out of CI.
 Also checks the variant registry, the label-noise labels, the goal summary on synthetic rows and
 the result files that research/seed_spread.py and research/stop_rules.py read. ~20 s on one CPU thread.
 """
@@ -43,7 +44,11 @@ def test_quick_config_at_defaults(bench):
     assert res["rows"][0]["step"] == 0 and res["rows"][-1]["step"] == res["steps"] == 16
     for k in ("pred_fin", "meas_fin", "rse", "gap_pred", "gap_meas", "ours", "hold", "oracle", "wall_ratio"):
         assert math.isfinite(res[k]), k
-    assert 0.5 < res["pred_fin"] / res["meas_fin"] < 2.0
+    # Measured: predicted gap 0.305 against 0.337 (−9%), final test loss 0.732 against 0.764
+    # (−4%). Injections scaled by 2 give a gap ratio of 2.2 and a final-loss ratio of 1.5 (a
+    # bound of 0.5 < ratio < 2 lets that through); a sign flip makes the gap negative.
+    assert 0.75 < res["gap_pred"] / res["gap_meas"] < 1.3
+    assert abs(res["pred_fin"] / res["meas_fin"] - 1) < 0.12
     assert 0 < res["rse"] < 0.1 and res["oracle"] <= res["meas_fin"] and res["oracle"] <= res["ours"]
     assert res["wall_ratio"] > 1.0 and res["mon_s"] > 0
     if baselines:
@@ -70,10 +75,7 @@ def test_monitor_kwargs_are_the_defaults_and_variants_build(bench):
         kwargs = bench.monitor_kwargs(bench.Config("digits", 40, "mlp", "ce", "sgd"), 40, 200, args, name)
         model = torch.nn.Linear(6, 10)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        try:
-            GramMonitor(model, opt, probe=(x, y), n_train=40, **kwargs).close()
-        except TypeError as e:  # a keyword the installed GramMonitor does not know yet: reported unavailable
-            assert name != "default" and "keyword" in str(e)
+        GramMonitor(model, opt, probe=(x, y), n_train=40, **kwargs).close()  # every variant's keywords exist
 
 
 def test_rejected_variant_is_reported_unavailable(bench, monkeypatch, capsys):
@@ -93,7 +95,7 @@ def test_models_and_schedules(bench):
         opt, s, pb = bench.make_opt(cfg, model, 2, 3)
         assert isinstance(opt, torch.optim.AdamW) and (s is None) == (not sched) and pb == per_batch
     names = [c.name for c in bench.CONFIGS]
-    assert len(set(names)) == len(names) and any(c.epochs >= 20 for c in bench.CONFIGS)
+    assert len(set(names)) == len(names)
     for fam in ("mlp", "cnn", "bn_cnn", "cnn1d"):
         assert {c.loss for c in bench.CONFIGS if c.model == fam} == {"ce", "mse"}, fam
 

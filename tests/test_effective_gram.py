@@ -1,4 +1,4 @@
-"""Tests for the effective Gram matrix K_n (THEORY §4, issue test 7)."""
+"""Tests for the effective Gram matrix K_n (THEORY §4): its gap against the scalar ODE and gradient descent."""
 
 import math
 
@@ -93,7 +93,7 @@ def test_residual_propagator_stays_bounded_for_stiff_steps():
     assert torch.linalg.matrix_norm(phi, ord=2) <= 1 + 1e-6
 
 
-# -- K_n identity (issue test 7) --------------------------------------------------------------------
+# -- K_n identity: rᵀ K_n r is the gap -------------------------------------------------------------
 
 def test_constant_kernel_mse_gap_equals_scalar_ode():
     """Constant Θ, MSE (Λ = I), probe = training set: r(0)ᵀ K_n r(0) is the scalar ODE's ḡ."""

@@ -46,6 +46,7 @@ def test_lightning_example(tmp_path, capsys):
         assert any(r.get("gramhook/predicted_test_loss") for r in csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_lightning_ddp_example_ranks_stop_together(tmp_path):
     pytest.importorskip("lightning")
     outs = _script("lightning_mnist", "--n-train", "128", "--steps", "30", "--every", "1", "--probe-size", "16",

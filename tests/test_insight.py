@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gramhook import insight
-from gramhook.dynamics.spectral import information_space, nuisance_scores
+from gramhook.dynamics.spectral import alignment, information_space, normalized_margins, nuisance_scores
 
 
 def test_record_sums_and_scores():
@@ -46,8 +46,16 @@ def test_companion_fields():
     params = [("w1", torch.randn(5, 3, generator=g)), ("b1", torch.randn(5)), ("w2", torch.randn(4, 5, generator=g))]
     fields, spectrum, nuisance = insight.companion(theta, out - torch.eye(4)[y], out, y, params)
     assert spectrum.shape == (32,) and nuisance.shape == (8,)
-    assert 0 <= fields["label_alignment"] <= 1 and 0 <= fields["residual_alignment"] <= 1
-    assert 1 <= fields["effective_rank"] <= 32 and fields["margin_min"] <= fields["margin_median"]
+    # Each field is the THEORY §5 readout of its own input: the residual, the one-hot labels, the weights.
+    space = information_space(theta, alpha=0.1)
+    assert torch.equal(spectrum, space.eigenvalues)
+    assert fields["residual_alignment"] == pytest.approx(alignment(space, out - torch.eye(4)[y]))
+    assert fields["label_alignment"] == pytest.approx(alignment(space, torch.eye(4)[y]))
+    assert fields["residual_alignment"] != pytest.approx(fields["label_alignment"])
+    assert fields["effective_rank"] == pytest.approx(space.effective_rank)
+    assert fields["information_dim"] == space.info_dim
+    margins = normalized_margins([params[0][1], params[2][1]], out, y)
+    assert (fields["margin_min"], fields["margin_median"]) == pytest.approx((margins.min, margins.median))
     assert fields["rho"] == pytest.approx(float(params[0][1].norm() * params[2][1].norm()), rel=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""Issue test 1: the kernels (``method="auto"`` and ``"reference"``) equal a naive per-sample
+"""The kernels (``method="auto"`` and ``"reference"``) equal a naive per-sample
 autograd loop, in float64.
 
 The naive truth puts the model in eval mode and loops over samples and outputs with
@@ -21,15 +21,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),  # vmap over SDPA
     pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),  # forward-AD decomps
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only add contention on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 RTOL = {torch.float64: 1e-10}
 M1, M2, K = 4, 3, 3

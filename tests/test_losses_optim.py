@@ -1,4 +1,4 @@
-"""Losses (r, Λ), the optimizer metric (dt, P, decay) and the perturbation factor ε̄ (issue tests 6, 8).
+"""Losses (r, Λ), the optimizer metric (dt, P, decay) and the perturbation factor ε̄.
 
 Every quantity is compared with a closed form, finite differences, a real ``torch.optim`` step or
 a naive per-sample loop, in float64.
@@ -28,15 +28,6 @@ pytestmark = [
 
 F64 = torch.float64
 M, K = 5, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 problems: intra-op threads only add contention on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _gen(seed=0):
@@ -164,7 +155,7 @@ SCALAR_LOSSES = {
 
 @pytest.mark.parametrize("which", list(SCALAR_LOSSES))
 def test_loss_not_per_sample_raises_helpful_error(which):
-    """Issue test 8: a reduced loss is rejected with a message that says how to fix it."""
+    """A reduced loss is rejected with a message that says how to fix it."""
     loss = resolve_loss(SCALAR_LOSSES[which])
     out = torch.randn(M, K, generator=_gen(0), dtype=F64)
     y = torch.randn(M, K, generator=_gen(1), dtype=F64)
@@ -378,7 +369,7 @@ def test_maximize_and_foreign_optimizer_raise():
         read_optimizer(torch.optim.SGD(other.parameters(), lr=0.1), model)
 
 
-# == issue test 6: ε̄ = (1/n) · unbiased tr Cov of per-sample gradients (in the P metric) ==========
+# == ε̄ = (1/n) · unbiased tr Cov of per-sample gradients (in the P metric) ========================
 N_TRAIN = 40
 EPS_LOSSES = {
     "mse": lambda out, y: F.mse_loss(out, y, reduction="none").mean(1),

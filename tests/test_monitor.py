@@ -324,28 +324,33 @@ def test_tensorboard_event_file_and_layout(tmp_path):
     assert "test/loss" in curves and "train_loss" in curves
 
 
-def test_default_schedule_keeps_overhead_within_budget():
-    """every=None spaces measurements so monitor time stays near `overhead` × the loop's time."""
-    import time
+def test_default_schedule_keeps_overhead_within_budget(fake_clock, costly_readouts):
+    """every=None spaces readouts so monitor time stays at `overhead` × the loop's time.
 
+    On a fake clock a step takes 10 ms and a readout 50 ms: with overhead 0.2 a readout is due
+    once the loop has run 0.05 / 0.2 = 0.25 s since the last, every 25 steps."""
     x, y = _data()
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = GramMonitor(model, opt, probe=(x, y), n_train=N, probe_size=32, overhead=0.2)
-    start = time.perf_counter()
+    costly_readouts(mon, fake_clock, 0.05)
+    start = fake_clock()
     g = torch.Generator().manual_seed(0)
-    while time.perf_counter() - start < 3.0:
+    for _ in range(200):
         idx = torch.randint(0, N, (16,), generator=g)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-        time.sleep(0.002)                       # a "real" training step takes a while
+        fake_clock.advance(0.01)
     mon.close()
-    wall = time.perf_counter() - start
-    spent = sum(h["monitor_seconds"] for h in mon.history[1:])
-    assert len(mon.history) >= 3, "the budget leaves room for several measurements"
-    assert spent <= 0.2 * wall + max(h["monitor_seconds"] for h in mon.history), (spent, wall)
-    assert mon.step > 3 * len(mon.history), "and measurements are spaced out"
+    wall = fake_clock() - start
+    readouts = mon.history[1:]
+    spent = sum(h["monitor_seconds"] for h in readouts)
+    assert spent == pytest.approx(0.05 * len(readouts))
+    assert spent <= 0.2 * (wall - spent) + 0.05, (spent, wall)
+    assert len(readouts) == pytest.approx(200 / 25, abs=1)
+    gaps = [b["step"] - a["step"] for a, b in zip(readouts, readouts[1:])]
+    assert all(abs(d - 25) <= 1 for d in gaps), gaps
 
 
 def test_train_sample_regression_estimate():

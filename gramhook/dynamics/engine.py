@@ -707,7 +707,9 @@ class FunctionSpaceEngine(_Engine):
         return float((diag - cross) / self.config.n_train)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "u": self.u.clone()}
+        # KernelRates has no cache to leave out: all of its fields are its state.
+        pending = None if self._pending is None else dataclasses.asdict(self._pending)
+        return {"time": self.time, "pending": pending, "u": self.u.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
