@@ -34,6 +34,11 @@ Per configuration:
    measurement step of that run. The vmapped unperturbed copy is checked against the plain run
    (``max|Δw| vmap``, round-off only).
 
+``--variant LABEL:KEY=VALUE,...`` also runs the default engine with other monitor settings
+against the same brute-force LOO (e.g. ``--variant r24:rows=24``), ``--no-periodic`` skips the
+periodic engine, and ``--loo-cache DIR`` keeps each case's LOO on disk (it depends on the case
+only), so a sweep of settings retrains nothing.
+
 When ``GramMonitor`` accepts ``engine=``, the run is repeated with ``engine="periodic"``
 (column ``engine``; the default engine's name is read from ``monitor.config.engine``). Where the
 keyword is rejected, the one engine on main is labelled ``periodic``.
@@ -69,6 +74,7 @@ About 10 minutes on one core for all cases (the per-case seconds are in the tabl
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import csv
 import dataclasses
@@ -488,7 +494,8 @@ def gramhook_commit() -> str:
 
 # -- one case ------------------------------------------------------------------------------------
 def run_case(case: Case, engines: Sequence[Optional[str]] = (None,), K: Optional[int] = None,
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = print, variants: Sequence[tuple] = (),
+             loo_cache: Optional[Path] = None) -> dict:
     """Plain run, monitored run(s), coupled LOO; rows per engine and measurement (the CSV's columns)."""
     start = time.perf_counter()
     data = load_data(case)
@@ -505,6 +512,10 @@ def run_case(case: Case, engines: Sequence[Optional[str]] = (None,), K: Optional
         if e is not None and any(r["engine"] == e for r in runs):
             continue
         runs.append(run_monitored(case, data, init, batches, every=case.every, engine=e, settings=settings))
+    for label, extra in variants:  # the default engine with other settings, labelled
+        run = run_monitored(case, data, init, batches, every=case.every, settings={**settings, **extra})
+        run["engine"] = label
+        runs.append(run)
     # The scheduled measurements: one the monitor skipped (its warning says why) counts as a miss.
     steps = sorted(set(range(0, len(batches) + 1, case.every)) | {len(batches)})
     K = min(K or case.K, runs[0]["indices"].numel())
@@ -512,8 +523,15 @@ def run_case(case: Case, engines: Sequence[Optional[str]] = (None,), K: Optional
     t0 = time.perf_counter()
     model = build_model(case, x, classes)
     model.load_state_dict(init)
-    loo = coupled_loo(model, per_sample_loss(case), lambda ps: make_optimizer(case, ps), x, t, batches, drops, steps,
-                      make_sched=lambda o: make_scheduler(case, o))
+    cached = None if loo_cache is None else loo_cache / f"{case.name}-K{K}.pt"
+    if cached is not None and cached.exists():
+        loo = torch.load(cached)
+    else:
+        loo = coupled_loo(model, per_sample_loss(case), lambda ps: make_optimizer(case, ps), x, t, batches, drops,
+                          steps, make_sched=lambda o: make_scheduler(case, o))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(loo, cached)
     loo_s = time.perf_counter() - t0
     vmap_dw = max_abs_diff(plain, loo["base"])
     out_rows, summaries = [], []
@@ -628,7 +646,20 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=None, help="override K (probe samples retrained)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                   help="also run the default engine with these GramMonitor settings (repeatable)")
+    p.add_argument("--no-periodic", action="store_true", help="do not run the periodic engine")
+    p.add_argument("--loo-cache", type=Path, default=None,
+                   help="folder caching each case's brute-force LOO (it depends on the case only)")
     args = p.parse_args(argv)
+    variants = []
+    for spec in args.variant:
+        label, _, body = spec.partition(":")
+        extra = {}
+        for item in filter(None, body.split(",")):
+            key, _, value = item.partition("=")
+            extra[key] = ast.literal_eval(value)
+        variants.append((label, extra))
     torch.set_num_threads(args.threads)
     cases = list(CASES)
     if args.cases:
@@ -636,14 +667,15 @@ def main(argv=None) -> int:
         if not cases:
             raise SystemExit(f"no case matches {args.cases}; known: {[c.name for c in CASES]}")
     engines: List[Optional[str]] = [None]
-    if engine_supported("periodic"):
+    if not args.no_periodic and engine_supported("periodic"):
         engines.append("periodic")
     print(f"gramhook {gramhook_commit()}; engines: {['default' if e is None else e for e in engines]}", flush=True)
     start = time.perf_counter()
     rows, summaries = [], []
     for case in cases:
         print(f"== {case.name}", flush=True)
-        res = run_case(case, engines, K=args.k, log=lambda s: print(s, flush=True))
+        res = run_case(case, engines, K=args.k, log=lambda s: print(s, flush=True), variants=variants,
+                       loo_cache=args.loo_cache)
         rows += res["rows"]
         summaries += res["summaries"]
     wall = time.perf_counter() - start
