@@ -35,6 +35,8 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
+from .linalg import decay_integral, eigh
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["StepRule", "PerStepEngine"]
@@ -292,9 +294,9 @@ class PerStepEngine:
             gram = torch.cat([gram.unsqueeze(0), masked])
         else:
             gram = gram.unsqueeze(0)
-        e, q = torch.linalg.eigh(gram)
-        x = lr * e.clamp(min=0)
-        ratio = torch.where(x > 1e-8, -torch.expm1(-x) / x.clamp(min=1e-300), 1 - 0.5 * x)
+        e, q = eigh(gram)
+        # (1 − exp(−ηe))/(ηe); 1 where η = 0 (a schedule at zero).
+        ratio = decay_integral(e.clamp(min=0), lr) / lr if lr > 0 else torch.ones_like(e)
         return ((q * ratio.unsqueeze(1)) @ q.transpose(1, 2)).to(z.dtype)
 
     def fold(self) -> None:
