@@ -34,7 +34,45 @@ from .losses import Loss, output_hessian, residual_and_hessian
 from .measure import sampled_half_hessian, signed_half_hessian
 from .optim import step_rule
 
-__all__ = ["ProbeMatcher", "StepCapture", "BatchStatistics"]
+__all__ = ["ProbeMatcher", "StepCapture", "BatchStatistics", "cancelled_biases"]
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def cancelled_biases(model: nn.Module, x: Tensor) -> tuple:
+    """Names of the biases that a batch or instance normalisation cancels exactly: the bias of a
+    linear or convolution layer whose output goes straight into a ``BatchNorm*d`` or
+    ``InstanceNorm*d`` (which subtracts the per-channel mean). The training loss does not depend
+    on them, so their gradient is round-off; with the normalisation's statistics held fixed, as
+    the per-step rows take them, the bias would look like a live direction, and Adam's P (1/√v̂
+    of a round-off gradient) would blow it up.
+
+    Found by one forward of ``x`` (eval mode, no gradients) with hooks that match a layer's output
+    tensor to a normalisation's input tensor.
+    """
+    producers: Dict[int, str] = {}
+    found: List[str] = []
+    names = {id(mod): name for name, mod in model.named_modules()}
+
+    def produced(module, args, out):
+        if isinstance(out, Tensor) and getattr(module, "bias", None) is not None and module.bias.requires_grad:
+            producers[id(out)] = names[id(module)]
+
+    def consumed(module, args):
+        if args and isinstance(args[0], Tensor) and id(args[0]) in producers:
+            found.append(producers[id(args[0])])
+
+    layers = (nn.Linear, nn.modules.conv._ConvNd)
+    handles = [mod.register_forward_hook(produced) for mod in model.modules() if isinstance(mod, layers)]
+    handles += [mod.register_forward_pre_hook(consumed) for mod in model.modules() if isinstance(mod, _NORMS)]
+    try:
+        with torch.no_grad(), kernel.eval_mode(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return tuple(dict.fromkeys(f"{n}.bias" if n else "bias" for n in found))
 
 
 class ProbeMatcher:
@@ -175,6 +213,10 @@ class StepCapture:
         self.simulate = False
         self.world = 1               # data-parallel replicas: .grad averages world·B samples
         self.statistics = BatchStatistics(model)
+        try:
+            self.still = cancelled_biases(model, probe_x[:2])
+        except Exception:  # a model this forward cannot run keeps every coordinate
+            self.still = ()
 
     @property
     def mode(self) -> str:
@@ -202,7 +244,7 @@ class StepCapture:
 
     def _step(self) -> None:
         x = self._batch()
-        rule, pre = step_rule(self.optimizer, self.model, self.names)
+        rule, pre = step_rule(self.optimizer, self.model, self.names, self.still)
         if x is None or x.shape[0] == 0:
             self.engine.step(rule, None, None)
             return

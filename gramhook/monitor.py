@@ -731,7 +731,7 @@ class GramMonitor:
         the effective Gram matrix (the first m_K probe Jacobians).
         """
         names = self._stepper.names  # exact coordinates: the parameters trainable at attach time
-        pre = whitening(self.optimizer, self.model, names=names)
+        pre = whitening(self.optimizer, self.model, names=names, still=self._stepper.still)
         x, y = self.probe.x, self.probe.y
         sketch = None if self.coordinates == "exact" else int(self.coordinates)
         seed, method = self.config.seed, self.config.method

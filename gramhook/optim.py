@@ -363,7 +363,7 @@ def _adam_v(optimizer, group, p: Tensor, ahead: bool) -> tuple:
     return v, t
 
 
-def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool = False, names=None):
+def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool = False, names=None, still=()):
     """P per trained parameter, relative to the reference group's learning rate η (the other
     groups' ``lr/η`` folded in), or ``None`` for the identity.
 
@@ -372,17 +372,23 @@ def whitening(optimizer: torch.optim.Optimizer, model: nn.Module, *, ahead: bool
     coordinates (default: every ``requires_grad`` parameter); P = 0 on those not trained now.
     """
     check_optimizer(optimizer)
-    return _held_fixed(_whitening(optimizer, *_trained_groups(optimizer, model), ahead), optimizer, model, names)
+    return _held_fixed(_whitening(optimizer, *_trained_groups(optimizer, model), ahead), optimizer, model, names,
+                       still)
 
 
-def _held_fixed(pre: Optional[Dict[str, Tensor]], optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
+def _held_fixed(pre: Optional[Dict[str, Tensor]], optimizer: torch.optim.Optimizer, model: nn.Module, names=None,
+                still=()):
     """``pre`` with P = 0 on the coordinates ``names`` (default: the ``requires_grad``
     parameters) that the optimizer does not train now (outside it, or frozen since): they do not
-    move, and the coordinates stay (so a later ``add_param_group`` only changes P)."""
+    move, and the coordinates stay (so a later ``add_param_group`` only changes P). P is 0 on the
+    parameters named in ``still`` too: the loss does not depend on them
+    (:func:`gramhook.capture.cancelled_biases`), so their gradient is round-off, which Adam's
+    1/√v̂ would amplify into a leave-one-out response the run never has."""
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
     coords = [n for n, p in params.items() if p.requires_grad] if names is None else list(names)
-    fixed = [n for n in coords if not (params[n].requires_grad and id(params[n]) in held)]
+    still = set(still)
+    fixed = [n for n in coords if n in still or not (params[n].requires_grad and id(params[n]) in held)]
     if not fixed:
         return pre
     if pre is None:
@@ -440,7 +446,7 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
     return None if identity else pre
 
 
-def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
+def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module, names=None, still=()):
     """The :class:`gramhook.dynamics.perstep.StepRule` of the step about to be taken (call it in
     the optimizer's step pre-hook) and the P it uses (:func:`whitening` ahead, over ``names``)."""
     from .dynamics.perstep import StepRule
@@ -450,7 +456,7 @@ def step_rule(optimizer: torch.optim.Optimizer, model: nn.Module, names=None):
     lr = float(ref["lr"])
     wd = float(ref.get("weight_decay", 0.0))
     trained = _whitening(optimizer, by_id, groups, ref, ahead=True)
-    pre = _held_fixed(trained, optimizer, model, names)
+    pre = _held_fixed(trained, optimizer, model, names, still)
     if kind == "SGD":
         mu = float(ref.get("momentum", 0.0))
         first = mu > 0 and not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in ref["params"])
