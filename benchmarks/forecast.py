@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gramhook import GramMonitor  # noqa: E402
+from gramhook import GramMonitor, MonitorConfig  # noqa: E402
 from gramhook.data import cnn1d, mlp, mnist1d_tensors, mnist_tensors  # noqa: E402
 from gramhook.insight import forecast  # noqa: E402
 
@@ -55,7 +55,7 @@ def run(name: str, *, n: int, epochs: int, seed: int):
     batch = 32
     total = epochs * math.ceil(n / batch)
     every = max(1, total // 20)
-    monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, every=every, total_steps=total, seed=seed)
+    monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, every=every, seed=seed, config=MonitorConfig(total_steps=total))
     measured = []
     gen = torch.Generator().manual_seed(seed + 1)
     step = 0

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.kernel import flat_jacobian
 from gramhook.losses import resolve_loss
 
@@ -56,8 +56,8 @@ def monitored(cfg, data, args, init_state, total: int):
     xtr, ttr, n, model, opt = _start(cfg, data, args, init_state)
     every = args.every or max(1, round(total / acc.TARGET_MEASUREMENTS))
     monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, every=every, probe_size=args.probe_size,
-                          seed=args.seed, coordinates=args.coordinates,
-                          loss="mse" if cfg.loss == "mse" else "cross_entropy", **args.extra)
+                          seed=args.seed,
+                          loss="mse" if cfg.loss == "mse" else "cross_entropy", **args.extra, config=MonitorConfig(coordinates=args.coordinates))
     snaps = {}
 
     def snap():

@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gramhook import GramMonitor  # noqa: E402
+from gramhook import GramMonitor, MonitorConfig  # noqa: E402
 from gramhook.data import cnn1d, mnist1d_tensors, mnist_tensors  # noqa: E402
 from gramhook.dynamics.spectral import normalized_margins, weight_matrices  # noqa: E402
 
@@ -48,8 +48,7 @@ def run(name, *, n, steps, seed):
     opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if opt_name == "sgd"
            else torch.optim.Adam(model.parameters(), lr=lr))
     every = max(1, steps // 30)
-    monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, probe_size=n, every=every, diagnostics_every=1,
-                          train_sample_size=0, effective_gram_size=16, seed=seed)
+    monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, probe_size=n, every=every, seed=seed, config=MonitorConfig(diagnostics_every=1, train_sample_size=0, effective_gram_size=16))
     test_ce = []
 
     def log_test():

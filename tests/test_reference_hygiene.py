@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates
 from gramhook.capture import ProbeMatcher
 from gramhook.optim import momentum_is_warm, step_dt
@@ -40,17 +40,15 @@ def test_reservoir_and_reference_exclude_probe_samples():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16,
-                     reference_size=N, train_sample_size=0) as mon:
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16, config=MonitorConfig(reference_size=N, train_sample_size=0)) as mon:
         model(x)  # a training forward over every sample
         rows, _ = mon._reference_batch()
         assert rows.shape[0] == N - 16
         assert not (rows.unsqueeze(1) == mon.probe.x.unsqueeze(0)).all(-1).any()
-    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16, reference=(x, y),
-                     train_sample_size=0) as mon:
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16, config=MonitorConfig(reference=(x, y), train_sample_size=0)) as mon:
         assert mon.reference[0].shape[0] == N - 16 and mon.reference[1].shape[0] == N - 16
     with pytest.raises(ValueError, match="only probe samples"):
-        GramMonitor(model, opt, probe=(x[:16], y[:16]), n_train=N, reference=x[:16])
+        GramMonitor(model, opt, probe=(x[:16], y[:16]), n_train=N, config=MonitorConfig(reference=x[:16]))
 
 
 @pytest.mark.parametrize("dampening, nesterov", [(0.0, False), (0.3, False), (0.0, True)])

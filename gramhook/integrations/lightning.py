@@ -105,7 +105,7 @@ class GramMonitorCallback(pl.Callback):
         for record in history[self._logged:]:
             metrics = metrics_of(record, self.prefix)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=int(record["step"]))
+                logger.log_metrics(metrics, step=record.step)
             for key, value in metrics.items():
                 trainer.callback_metrics[key] = torch.tensor(value)
         self._logged = len(history)
