@@ -87,7 +87,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook import data as ghdata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +296,7 @@ def engine_supported(engine: str) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             GramMonitor(model, opt, probe=(torch.randn(8, 3), torch.arange(8) % 2), n_train=8,
-                        every=10**9, engine=engine).close()
+                        every=10**9, config=MonitorConfig(engine=engine)).close()
         return True
     except (TypeError, ValueError):
         return False
@@ -314,7 +314,7 @@ def run_monitored(case: Case, data, init: dict, batches, *, every: int, engine: 
     model, opt, sched = fresh(case, x, classes, init)
     kw = dict(every=every, seed=case.seed, **(settings or {}))
     if engine is not None:
-        kw["engine"] = engine
+        kw["config"] = MonitorConfig(engine=engine)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
@@ -324,9 +324,8 @@ def run_monitored(case: Case, data, init: dict, batches, *, every: int, engine: 
 
         def collect(step: int = 0) -> None:
             for rec in monitor.history[seen[0]:]:
-                rows.append(dict(step=int(rec["step"]), predicted_gap=float(rec["predicted_gap"]),
-                                 probe_train_loss=float(rec["probe_train_loss"]),
-                                 probe_gap=float(rec["probe_gap"]), gaps=monitor.per_sample_gap().double()))
+                rows.append(dict(step=rec.step, predicted_gap=rec.predicted_gap, probe_train_loss=rec.probe_train_loss,
+                                 probe_gap=rec.probe_gap, gaps=monitor.per_sample_gap().double()))
             seen[0] = len(monitor.history)
 
         collect()

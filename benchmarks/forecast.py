@@ -83,9 +83,9 @@ def run(name: str, *, n: int, epochs: int, seed: int):
                 measured.append((step, test_loss()))
             if step % 50 == 0:
                 print(f"  {name}: step {step}/{total}", file=sys.stderr, flush=True)
-    if monitor.history[-1]["step"] != total:
+    if monitor.history[-1].step != total:
         monitor.measure()
-    history = [{"step": h["step"], "predicted_test_loss": h["predicted_test_loss"]} for h in monitor.history]
+    history = [{"step": h.step, "predicted_test_loss": h.predicted_test_loss} for h in monitor.history]
     monitor.close()
     return {"history": history, "measured": measured, "total": total}
 

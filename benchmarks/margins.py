@@ -68,14 +68,14 @@ def run(name, *, n, steps, seed):
             log_test()
     hist = monitor.history
     monitor.close()
-    mins = [h["margin_min"] for h in hist]
-    train_ce = [h["normalized_ce"] for h in hist]
+    mins = [h.margin_min for h in hist]
+    train_ce = [h.normalized_ce for h in hist]
     sep = next((i for i, v in enumerate(mins) if v > 0), None)
     if sep is None or sep >= len(mins) - 1:
         mono, sep_step = float("nan"), None
     else:
         diffs = [b - a for a, b in zip(mins[sep:], mins[sep + 1:])]
-        mono, sep_step = sum(d > 0 for d in diffs) / len(diffs), hist[sep]["step"]
+        mono, sep_step = sum(d > 0 for d in diffs) / len(diffs), hist[sep].step
     a, b = torch.tensor(train_ce, dtype=torch.float64), torch.tensor(test_ce[: len(train_ce)], dtype=torch.float64)
     r = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
     return {"separated_at": sep_step, "monotone_share": mono, "pearson": r, "r2": r * r, "readouts": len(hist),

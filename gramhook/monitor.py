@@ -30,7 +30,7 @@ from .optim import check_optimizer, momentum_is_warm, over_coordinates, read_opt
 from .probe import (Reservoir, as_reference, check_probe_against_model, check_targets, default_probe_size, make_probe,
                     rows_in)
 
-__all__ = ["GramMonitor", "MonitorConfig", "Measurement", "HISTORY_KEYS"]
+__all__ = ["GramMonitor"]
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from gramhook import GramMonitor, MonitorConfig
-from gramhook.monitor import HISTORY_KEYS
+from gramhook import GramMonitor, Measurement, MonitorConfig
+from gramhook.measurement import HISTORY_KEYS
 
 # These tests exercise the periodic engine and its reservoir and reference settings; the per-step
 # engine has its own tests (tests/test_perstep.py).
@@ -86,11 +86,11 @@ def test_should_stop_on_scripted_history():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=8)
     values = [1.0, 0.8, 0.7, 0.71, 0.72, 0.69, 0.75, 0.76, 0.77]
-    mon.history = [{"step": i, "predicted_test_loss": v} for i, v in enumerate(values)]
+    mon.history = [Measurement(step=i, predicted_test_loss=v) for i, v in enumerate(values)]
     assert mon.should_stop(patience=3)                         # best 0.69 was 3 measurements ago
     assert not mon.should_stop(patience=4)
     assert mon.best == {"step": 5, "value": 0.69}
-    mon.history = [{"step": i, "predicted_test_loss": v} for i, v in enumerate([1.0, 0.9, 0.89, 0.885])]
+    mon.history = [Measurement(step=i, predicted_test_loss=v) for i, v in enumerate([1.0, 0.9, 0.89, 0.885])]
     assert not mon.should_stop(patience=2)                     # still improving
     assert mon.should_stop(patience=2, min_delta=0.05)         # but by less than min_delta
     assert not mon.should_stop(patience=4)                     # not enough measurements yet
@@ -135,6 +135,7 @@ def test_resume_equals_uninterrupted_run():
     timing = {"monitor_seconds", "overhead"}
     assert len(resumed.history) == len(mon.history)
     for a, b in zip(mon.history, resumed.history):
+        a, b = a.as_dict(), b.as_dict()
         for key in set(a) - timing:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), key
     mon.close()
