@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["quiet", "emit", "Failures", "nonfinite_cause", "digest", "fingerprint", "differences"]
+__all__ = ["quiet", "emit", "Failures", "nonfinite_cause", "digest", "fingerprint", "differences", "check_finite"]
 
 logger = logging.getLogger("gramhook")
 
@@ -178,6 +178,15 @@ def nonfinite_cause(model: nn.Module, x: Optional[Tensor] = None) -> Optional[st
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 return f"the gradient of {name!r} holds NaN/inf values (a diverging loss?)"
     return None
+
+
+def check_finite(record: object, names: Sequence[str]) -> None:
+    """Raise ``FloatingPointError`` naming the first tensor attribute of ``record`` in ``names``
+    that holds NaN/inf (attributes that are absent or not tensors are skipped)."""
+    for name in names:
+        t = getattr(record, name, None)
+        if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"the model's {name.replace('_', ' ')} are not finite (NaN/inf)")
 
 
 def digest(*tensors: Tensor) -> str:

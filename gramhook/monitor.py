@@ -19,14 +19,13 @@ from torch import Tensor, nn
 from . import adapt, guard, insight, kernel, readout
 from .capture import ProbeMatcher, StepCapture
 from .config import MonitorConfig, Schedule, check_options, merge
-from .dynamics.aggregate import effective_samples, regression_estimate
 from .dynamics.effective_gram import EffectiveGram
-from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, perturbation_factor
+from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin
 from .dynamics.perstep import PerStepEngine
-from .losses import residual_and_hessian, resolve_loss
+from .losses import resolve_loss
 from .measure import compute_rates
 from .measurement import HISTORY_KEYS, Measurement
-from .optim import check_optimizer, momentum_is_warm, over_coordinates, read_optimizer, step_dt, whitening
+from .optim import check_optimizer, check_trains, momentum_is_warm, over_coordinates, read_optimizer, step_dt, whitening
 from .probe import (Reservoir, as_reference, check_probe_against_model, check_targets, default_probe_size, make_probe,
                     rows_in)
 
@@ -59,13 +58,6 @@ def _weak_hook(monitor: "GramMonitor", method: str) -> Callable:
             return None
 
     return hook
-
-
-def _check_finite(rates) -> None:
-    for name in ("outputs", "residual", "probe_jac", "ref_jac"):
-        t = getattr(rates, name, None)
-        if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()):
-            raise FloatingPointError(f"the model's {name.replace('_', ' ')} are not finite (NaN/inf)")
 
 
 class GramMonitor:
@@ -161,7 +153,7 @@ class GramMonitor:
         self.k = check_probe_against_model(model, self.probe, self.loss)
         self.loss = self.loss.with_out_shape(self._out_shape())
         m = self.probe.x.shape[0]
-        self._check_held(model, optimizer)
+        check_trains(model, optimizer)
         # The same seed draws the same permutation, so the train sample contains the probe.
         self.train_sample = None
         if self.config.train_sample_size > m:
@@ -264,25 +256,6 @@ class GramMonitor:
         self._budget_origin = (time.perf_counter(), self._monitor_seconds)
 
     # -- construction helpers -----------------------------------------------------------------
-    @staticmethod
-    def _check_held(model: nn.Module, optimizer) -> None:
-        """The optimizer must train some of the model; trainable parameters outside it are held
-        fixed (P = 0), which is said once here."""
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
-        if not any(id(p) in held for p in model.parameters()):
-            raise ValueError(
-                "The optimizer trains none of the model's parameters: pass the optimizer built from "
-                "this model's parameters (torch.optim.SGD(model.parameters(), ...)).")
-        if outside:
-            shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
-            guard.emit(
-                f"gramhook: {len(outside)} trainable parameter(s) are not in the optimizer ({shown}); the "
-                "prediction holds them fixed. If another optimizer trains them, their motion is left "
-                "out: attach the monitor to the optimizer that trains most of the model, or set "
-                "requires_grad=False on parameters that stay frozen.", UserWarning)
-
-
     def _out_shape(self):
         with torch.no_grad(), kernel.eval_mode(self.model):
             return tuple(self.model(self.probe.x[:1]).shape[1:])
@@ -505,39 +478,26 @@ class GramMonitor:
         pre = whitening(self.optimizer, self.model, names=names)
         x, y = self.probe.x, self.probe.y
         sketch = None if self.coordinates == "exact" else int(self.coordinates)
-        seed, method = self.config.seed, self.config.method
+        seed = self.config.seed
         sample_losses = None
         if self.train_sample is None:
-            with torch.no_grad(), kernel.eval_mode(self.model):
-                out = self.model(x).reshape(x.shape[0], -1)
+            out = readout.batched_outputs(self.model, x)
         else:  # the probe is part of the train sample: one forward pass serves both
             sample_out = readout.batched_outputs(self.model, self.train_sample.x)
             sample_losses = self.loss(sample_out, self.train_sample.y).detach()
-            if not torch.isfinite(sample_losses).all():
-                raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
             out = sample_out[self._probe_rows.to(sample_out.device)]
         # u_i = J_i δ_i by forward mode: one tangent per sample, no (m, k, D) Jacobian.
         u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre,
                                    names=names)
         gaps = self.perstep.loss_gaps(u, out, y, self.loss)
-        if not torch.isfinite(gaps).all():
-            raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
-        probe_losses = self.loss(out, y).detach()
+        record = readout.gap_fields(self.loss(out, y).detach(), gaps, sample_losses)
         self._elapsed_total += self._elapsed
         self._elapsed = 0.0
         t = self._elapsed_total
-        mean = float(gaps.double().mean())
+        mean = record["probe_gap"]
         self._last_gaps = gaps.detach().cpu()
-        train_loss, gap, gap_se, slope, hist_slope = regression_estimate(probe_losses, gaps, sample_losses, None, None)
-        record = {key: math.nan for key in HISTORY_KEYS}
-        record.update({
-            "step": self.step, "time": t, "train_loss": train_loss, "predicted_gap": gap,
-            "predicted_gap_se": gap_se, "predicted_test_loss": train_loss + gap,
-            "probe_train_loss": float(probe_losses.double().mean()), "probe_gap": mean,
-            "gap_slope": slope, "gap_effective_samples": effective_samples(gaps),
-            "injected": float(self.perstep.injections),
-            "injection_simulated": float(self._stepper.simulate),
-        })
+        record.update(step=self.step, time=t, injected=float(self.perstep.injections),
+                      injection_simulated=float(self._stepper.simulate))
         full = self._readouts % self.config.diagnostics_every == 0
         self._readouts += 1
         if full:
@@ -547,18 +507,14 @@ class GramMonitor:
     def _diagnostics(self, x, out, y, pre, sketch, names, t: float, mean: float) -> Dict[str, float]:
         """ε̄, c̄ and the effective Gram matrix's statistics at a readout."""
         seed, method = self.config.seed, self.config.method
-        r, lam = residual_and_hessian(self.loss, out, y)
-        grads = kernel.vjp_rows(self.model, x, r.unsqueeze(1), s=sketch, seed=seed, preconditioner=pre,
-                                method=method, names=names)[:, 0]
-        eps = perturbation_factor(grads, None, self.n_train)
+        eps, r, lam = readout.perturbation(self.model, self.loss, x, out, y, self.n_train, sketch=sketch, seed=seed,
+                                           preconditioner=pre, method=method, names=names)
         contraction = readout.contraction_rate(eps, (t, mean), self._prev_readout)
         self._prev_readout = (t, mean)
         record = {"contraction": contraction, "perturbation": eps}
         if self.effective is not None:
-            xs = x[: self._m_k]
-            sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method, names=names)
-                   if sketch is None
-                   else kernel.sketched_jacobian(self.model, xs, sketch, seed=seed, preconditioner=pre, method=method))
+            sub = readout.sub_probe_jacobian(self.model, x[: self._m_k], sketch=sketch, seed=seed, preconditioner=pre,
+                                             method=method, names=names)
             sub = sub.to(self.perstep.base.dtype)  # float32 for 16-bit models (no 16-bit eigensolver)
             theta = readout.sub_probe_ntk(sub)
             dt = t - getattr(self, "_k_time", t)
@@ -587,39 +543,16 @@ class GramMonitor:
             # then carries (n − 1)/(m − 1) samples, so that in run i the m − 1 others carry the
             # n − 1 others; sample i's own row is excluded whatever its weight.
             rates.probe_weight = (self.n_train - 1) / (m - 1)
-        _check_finite(rates)  # before the engine: a failed measurement must not leave NaN in its state
+        guard.check_finite(rates, ("outputs", "residual", "probe_jac", "ref_jac"))  # before the engine: a failed measurement must not leave NaN in its state
         # The continuous flow: across THEORY §7's checks it tracked leave-one-out better than the
         # discrete optimizer map whenever the kernel moves (tanh MLP +0.5% against +9%).
         est = self.engine.measure(self._elapsed if self.history else 0.0, rates)
         self._elapsed = 0.0
-        probe_losses = self.loss(rates.outputs, self.probe.y).detach()
-        gaps = est.per_sample
-        if not torch.isfinite(gaps).all():
-            raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
-        self._last_gaps = gaps.detach().cpu()
         sample_losses = None if self.train_sample is None else self.loss(
             readout.batched_outputs(self.model, self.train_sample.x), self.train_sample.y).detach()
-        if sample_losses is not None and not torch.isfinite(sample_losses).all():
-            raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
-        train_loss, gap, gap_se, slope, _ = regression_estimate(probe_losses, gaps, sample_losses, None, None)
-        record = {
-            "step": self.step,
-            "time": est.time,
-            "train_loss": train_loss,
-            "predicted_gap": gap,
-            "predicted_gap_se": gap_se,
-            "predicted_test_loss": train_loss + gap,
-            "probe_train_loss": float(probe_losses.double().mean()),
-            "probe_gap": float(gaps.double().mean()),
-            "gap_slope": slope,
-            "gap_effective_samples": effective_samples(gaps),
-            "contraction": est.contraction,
-            "perturbation": est.perturbation,
-            "alignment": math.nan,
-            "benign_fraction": math.nan,
-            "kernel_fidelity": math.nan,
-            "effective_gram_gap": math.nan,
-        }
+        record = readout.gap_fields(self.loss(rates.outputs, self.probe.y).detach(), est.per_sample, sample_losses)
+        self._last_gaps = est.per_sample.detach().cpu()
+        record.update(step=self.step, time=est.time, contraction=est.contraction, perturbation=est.perturbation)
         if self.effective is not None:
             # float32 for 16-bit models
             theta = readout.sub_probe_ntk(rates.probe_jac[: self._m_k].to(self.engine.delta.dtype), rates.metric)
@@ -887,12 +820,7 @@ class GramMonitor:
 
     def _suspect_rows(self, k: int, score: str = insight.DEFAULT_SCORE) -> List[Dict[str, float]]:
         index, s = self.label_noise_scores(score)
-        order = torch.nan_to_num(s, nan=-math.inf).argsort(descending=True)[:k]
-        y = self.probe.y.detach().cpu()
-        return [{"index": int(index[i]), "score": float(s[i]),
-                 "label": (int(y[i]) if y.dim() == 1 and not y.is_floating_point() else math.nan),
-                 "gap": float(self._samples.gap[i]), "loss": float(self._samples.loss[i]),
-                 "row": int(i)} for i in order.tolist()]
+        return insight.suspects(index, s, self.probe.y, self._samples, k)
 
     def suspect_samples(self, k: int = 10, score: str = insight.DEFAULT_SCORE) -> List[Dict[str, float]]:
         """The ``k`` most suspect samples, most suspect first: dicts with ``index`` (position in

@@ -61,7 +61,7 @@ def test_trainer_logs_measurements_and_recognises_probe_samples(tmp_path):
     mon = cb.monitor
     assert isinstance(mon.model, Adapted) and mon.k == 3 and mon.n_train == N
     assert mon.step == trainer.state.global_step == 6
-    logged = [(h.step, h["gramhook/predicted_test_loss"]) for h in trainer.state.log_history
+    logged = [(h["step"], h["gramhook/predicted_test_loss"]) for h in trainer.state.log_history
               if "gramhook/predicted_test_loss" in h]
     assert [s for s, _ in logged] == [0, 2, 4, 6]
     assert all(math.isfinite(v) for _, v in logged)
