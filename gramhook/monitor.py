@@ -1,8 +1,10 @@
 """GramMonitor: the two-line hook. Schedule, hook handles, history and early stopping; no maths.
 
-Data flows one way: optimizer step → :class:`GramMonitor` (decides when to measure) →
-:mod:`gramhook.measure` (kernels at the current weights) → :mod:`gramhook.dynamics` (engines,
-effective Gram) → sinks (TensorBoard).
+Data flows one way: optimizer step → :class:`GramMonitor` (decides when to measure; settings in
+:class:`gramhook.config.MonitorConfig`) → :mod:`gramhook.capture` (each step's batch, per-step
+engine) → :mod:`gramhook.readout` (the prediction and diagnostics at the current weights) →
+:class:`gramhook.measurement.Measurement` in :attr:`GramMonitor.history` → sinks (TensorBoard).
+The periodic research engine reads :mod:`gramhook.measure` instead of the per-step state.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from . import adapt, guard, insight, kernel, readout
 from .capture import ProbeMatcher, StepCapture
 from .config import MonitorConfig, Schedule, check_options, merge
 from .dynamics.effective_gram import EffectiveGram
-from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin
+from .dynamics.engine import EngineConfig, ParameterSpaceEngine
 from .dynamics.perstep import PerStepEngine
 from .losses import resolve_loss
 from .measure import compute_rates
@@ -191,7 +193,6 @@ class GramMonitor:
             # Exact coordinates hold (m, k, P) Jacobians and cost O(R²·P) per measurement.
             coords = "exact" if m * self.k * n_params * 4 <= 64 * 2**20 else 4096
         self.coordinates = coords
-        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=Mode.LOO, standin=Standin.PROBE)
         dim = n_params if coords == "exact" else int(coords)
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -199,7 +200,8 @@ class GramMonitor:
         self.perstep: Optional[PerStepEngine] = None
         self._stepper: Optional[StepCapture] = None
         if self.config.engine == "periodic":
-            self.engine = ParameterSpaceEngine(self.engine_config, dim, self.loss, dtype=dtype, device=self.device)
+            self.engine = ParameterSpaceEngine(EngineConfig(n_train=self.n_train, m=m), dim, self.loss, dtype=dtype,
+                                               device=self.device)
         else:
             self.perstep = PerStepEngine(m, dim, window=self.config.window, dtype=dtype, device=self.device)
             self._stepper = StepCapture(model, optimizer, self.loss, self.probe.x, self.probe.y, self.n_train,
