@@ -359,7 +359,7 @@ class GramMonitor:
                     f"gramhook: {len(new)} parameter(s) became trainable after the monitor was attached "
                     f"({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}); exact coordinates were fixed "
                     "then, so the prediction holds them fixed. Attach the monitor after unfreezing, or use "
-                    "sketched coordinates (coordinates=4096), which follow them.", UserWarning)
+                    "sketched coordinates (config=MonitorConfig(coordinates=4096)), which follow them.", UserWarning)
         if closure:
             self._stepper.pending = []
             raise RuntimeError(
@@ -641,7 +641,7 @@ class GramMonitor:
     def effective_gram(self) -> Tensor:
         """K_n on the sub-probe, ``(m_K·k, m_K·k)``, index ``i·k + a``."""
         if self.effective is None:
-            raise RuntimeError("The effective Gram matrix is disabled (effective_gram_size=0).")
+            raise RuntimeError("The effective Gram matrix is disabled (MonitorConfig(effective_gram_size=0)).")
         return self.effective.matrix.clone()
 
     def _series(self, metric: str) -> List[tuple]:

@@ -44,7 +44,7 @@ class GramMonitorCallback(pl.Callback):
         patience, min_delta, metric: see :meth:`gramhook.GramMonitor.should_stop`.
         prefix: the prefix of the logged metric names.
         **options: any other :class:`gramhook.GramMonitor` argument (``every``, ``loss``,
-            ``logdir``, ``probe_size``, ...).
+            ``logdir``, ``probe_size``, ``config=MonitorConfig(...)``).
 
     Attributes:
         monitor: the :class:`gramhook.GramMonitor` (``None`` before training starts).
