@@ -128,7 +128,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gramhook
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.data import mnist_tensors
 from gramhook.zoo import bn_cnn, cnn1d, mid_cnn, mlp, small_cnn
 from gramhook.optim import read_optimizer
@@ -160,6 +160,7 @@ VARIANTS: Dict[str, Dict] = {
     "overhead20": {"overhead": 0.2},
 }
 BENCH_KEYS = {"measurements"}
+SETTINGS = {f.name for f in dataclasses.fields(MonitorConfig)} - {"every", "probe_size", "seed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,9 +408,12 @@ def monitor_kwargs(cfg: Config, n: int, total: int, args, variant: str = "defaul
     kw = {"loss": "mse" if cfg.loss == "mse" else "cross_entropy", "seed": args.seed}
     if "measurements" in over:
         kw["every"] = max(1, total // over["measurements"])
-    kw.update({k: v for k, v in over.items() if k not in BENCH_KEYS})
+    kw.update({k: v for k, v in over.items() if k not in BENCH_KEYS | SETTINGS})
     if isinstance(kw.get("probe_size"), int):
         kw["probe_size"] = min(kw["probe_size"], n)
+    settings = {k: v for k, v in over.items() if k in SETTINGS}
+    if settings:
+        kw["config"] = MonitorConfig(**settings)
     return kw
 
 
@@ -477,7 +481,7 @@ def run_monitored(cfg: Config, data: Data, args, init_state, variant: str = "def
     check(step)
     mon.close()
     wall = out["wall"] + final_measure - box["bench"]
-    history = list(mon.history)
+    history = [h.as_dict() for h in mon.history]
     if box["stop"] is None:
         box["stop"], box["best"] = step, best_step(mon)
     # monitor.best names the monitor's step; map it to our copy through the history.

@@ -93,7 +93,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook import data as ghdata, zoo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,7 +302,7 @@ def engine_supported(engine: str) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             GramMonitor(model, opt, probe=(torch.randn(8, 3), torch.arange(8) % 2), n_train=8,
-                        every=10**9, engine=engine).close()
+                        every=10**9, config=MonitorConfig(engine=engine)).close()
         return True
     except (TypeError, ValueError):
         return False
@@ -312,15 +312,17 @@ def run_monitored(case: Case, data, init: dict, batches, *, every: int, engine: 
                   settings: Optional[dict] = None) -> dict:
     """The user's loop with a GramMonitor: its records at every measurement, final weights, seconds.
 
-    ``settings`` are extra GramMonitor keywords (none: the monitor's defaults besides ``every``
+    ``settings`` are extra monitor settings, ``probe_size`` or :class:`MonitorConfig` fields (none: the monitor's defaults besides ``every``
     and ``seed``). Returns dict(rows, indices, engine, final_state, wall); each row holds
     ``step``, ``predicted_gap``, ``probe_gap`` and ``gaps`` (the engine's per-sample g, (m,)).
     """
     x, t, classes = data
     model, opt, sched = fresh(case, x, classes, init)
-    kw = dict(every=every, seed=case.seed, **(settings or {}))
+    cfg = dict(settings or {})
     if engine is not None:
-        kw["engine"] = engine
+        cfg["engine"] = engine
+    kw = dict(every=every, seed=case.seed, probe_size=cfg.pop("probe_size", None),
+              config=MonitorConfig(**cfg) if cfg else None)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
@@ -330,9 +332,8 @@ def run_monitored(case: Case, data, init: dict, batches, *, every: int, engine: 
 
         def collect(step: int = 0) -> None:
             for rec in monitor.history[seen[0]:]:
-                rows.append(dict(step=int(rec["step"]), predicted_gap=float(rec["predicted_gap"]),
-                                 probe_train_loss=float(rec["probe_train_loss"]),
-                                 probe_gap=float(rec["probe_gap"]), gaps=monitor.per_sample_gap().double()))
+                rows.append(dict(step=rec.step, predicted_gap=rec.predicted_gap, probe_train_loss=rec.probe_train_loss,
+                                 probe_gap=rec.probe_gap, gaps=monitor.per_sample_gap().double()))
             seen[0] = len(monitor.history)
 
         collect()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gramhook import GramMonitor  # noqa: E402
+from gramhook import GramMonitor, MonitorConfig  # noqa: E402
 from gramhook.data import mnist1d_tensors, mnist_tensors  # noqa: E402
 from gramhook.training import train  # noqa: E402
 from gramhook.zoo import cnn1d, mlp  # noqa: E402
@@ -57,7 +57,7 @@ def run(name: str, *, n: int, epochs: int, seed: int):
     batch = 32
     total = epochs * math.ceil(n / batch)
     every = max(1, total // 20)
-    monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, every=every, total_steps=total, seed=seed)
+    monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, every=every, seed=seed, config=MonitorConfig(total_steps=total))
     measured = []
     gen = torch.Generator().manual_seed(seed + 1)
 
@@ -77,9 +77,9 @@ def run(name: str, *, n: int, epochs: int, seed: int):
 
     measured.append((0, test_loss()))
     train(model, opt, x, y, loss=F.cross_entropy, batch_size=batch, steps=total, generator=gen, on_step=on_step)
-    if monitor.history[-1]["step"] != total:
+    if monitor.history[-1].step != total:
         monitor.measure()
-    history = [{"step": h["step"], "predicted_test_loss": h["predicted_test_loss"]} for h in monitor.history]
+    history = [{"step": h.step, "predicted_test_loss": h.predicted_test_loss} for h in monitor.history]
     monitor.close()
     return {"history": history, "measured": measured, "total": total}
 

@@ -121,7 +121,7 @@ def monitor_rows(device: str):
     watched, monitor = train(device, True)
     diff = max(float((a - b).detach().abs().max()) for a, b in zip(plain.parameters(), watched.parameters()))
     hist = monitor.history
-    finite = all(math.isfinite(r["predicted_test_loss"]) for r in hist)
+    finite = all(math.isfinite(r.predicted_test_loss) for r in hist)
     on_device = monitor.probe.x.device.type == torch.device(device).type
     return [
         ("demo cnn", "params vs unmonitored (max abs)", diff, diff < 1e-5),

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gramhook import GramMonitor  # noqa: E402
+from gramhook import GramMonitor, MonitorConfig  # noqa: E402
 from gramhook import insight  # noqa: E402
 from gramhook import kernel  # noqa: E402
 from gramhook.losses import residual_and_hessian  # noqa: E402
@@ -91,8 +91,7 @@ def run(dataset: str, rate: float, kind: str, *, n: int, epochs: int, seed: int)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     batch = 32
     per_epoch = math.ceil(n / batch)
-    monitor = GramMonitor(model, opt, probe=(x, y_noisy), n_train=n, probe_size=n, every=per_epoch,
-                          diagnostics_every=1, train_sample_size=0, seed=seed)
+    monitor = GramMonitor(model, opt, probe=(x, y_noisy), n_train=n, probe_size=n, every=per_epoch, seed=seed, config=MonitorConfig(diagnostics_every=1, train_sample_size=0))
     cum_loss = torch.zeros(n, dtype=torch.float64)
     margin_sum = torch.zeros(n, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed + 2)

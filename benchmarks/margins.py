@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gramhook import GramMonitor  # noqa: E402
+from gramhook import GramMonitor, MonitorConfig  # noqa: E402
 from gramhook.data import mnist1d_tensors, mnist_tensors  # noqa: E402
 from gramhook.training import train  # noqa: E402
 from gramhook.zoo import cnn1d  # noqa: E402
@@ -50,8 +50,7 @@ def run(name, *, n, steps, seed):
     opt = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if opt_name == "sgd"
            else torch.optim.Adam(model.parameters(), lr=lr))
     every = max(1, steps // 30)
-    monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, probe_size=n, every=every, diagnostics_every=1,
-                          train_sample_size=0, effective_gram_size=16, seed=seed)
+    monitor = GramMonitor(model, opt, probe=(x, y), n_train=n, probe_size=n, every=every, seed=seed, config=MonitorConfig(diagnostics_every=1, train_sample_size=0, effective_gram_size=16))
     test_ce = []
 
     def log_test():
@@ -71,14 +70,14 @@ def run(name, *, n, steps, seed):
     train(model, opt, x, y, loss=F.cross_entropy, batches=batches, on_step=on_step)
     hist = monitor.history
     monitor.close()
-    mins = [h["margin_min"] for h in hist]
-    train_ce = [h["normalized_ce"] for h in hist]
+    mins = [h.margin_min for h in hist]
+    train_ce = [h.normalized_ce for h in hist]
     sep = next((i for i, v in enumerate(mins) if v > 0), None)
     if sep is None or sep >= len(mins) - 1:
         mono, sep_step = float("nan"), None
     else:
         diffs = [b - a for a, b in zip(mins[sep:], mins[sep + 1:])]
-        mono, sep_step = sum(d > 0 for d in diffs) / len(diffs), hist[sep]["step"]
+        mono, sep_step = sum(d > 0 for d in diffs) / len(diffs), hist[sep].step
     a, b = torch.tensor(train_ce, dtype=torch.float64), torch.tensor(test_ce[: len(train_ce)], dtype=torch.float64)
     r = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
     return {"separated_at": sep_step, "monotone_share": mono, "pearson": r, "r2": r * r, "readouts": len(hist),

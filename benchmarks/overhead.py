@@ -91,8 +91,8 @@ def run(case: str, device: str, args) -> dict:
     _loop(model, opt, x, y, batches, device, sync)
     watched = time.perf_counter() - start           # construction and step-0 readout included
     monitor.close()
-    later = [r for r in monitor.history if r["step"] > 0]
-    per = statistics.median(r["monitor_seconds"] for r in monitor.history)
+    later = [r for r in monitor.history if r.step > 0]
+    per = statistics.median(r.monitor_seconds for r in monitor.history)
     train_step = plain / len(batches)
     engine_step = monitor.step_seconds / max(monitor.step, 1)
     return {
@@ -100,7 +100,7 @@ def run(case: str, device: str, args) -> dict:
         "params": sum(p.numel() for p in model.parameters()), "steps": len(batches), "probe": monitor.probe.x.shape[0],
         "coords": monitor.coordinates, "ratio": watched / plain, "train_ms": 1e3 * train_step,
         "engine_ms": 1e3 * engine_step, "step_ratio": engine_step / train_step, "readouts": len(later),
-        "last": later[-1]["step"] if later else 0, "per": per, "per_steps": per / train_step,
+        "last": later[-1].step if later else 0, "per": per, "per_steps": per / train_step,
         "goal": f"≥ {goal_reads} readouts, ≤ {goal_ratio:.2f}×",
         "pass": len(later) >= goal_reads and watched / plain <= goal_ratio,
     }

@@ -47,7 +47,7 @@ def worker(rank, world, port, args):
                     break
             if stopped:
                 break
-        print(json.dumps({"rank": rank, "step": monitor.monitor.step, "steps": [h["step"] for h in monitor.history],
+        print(json.dumps({"rank": rank, "step": monitor.monitor.step, "steps": [h.step for h in monitor.history],
                           "predicted_test_loss": monitor.predicted_test_loss}), flush=True)
         monitor.close()
     finally:

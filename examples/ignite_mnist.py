@@ -42,7 +42,7 @@ def main(argv=None):
 
     trainer.run(loader, max_epochs=args.epochs)
     print(json.dumps({"iterations": trainer.state.iteration,
-                      "steps": [h["step"] for h in handler.monitor.history],
+                      "steps": [h.step for h in handler.monitor.history],
                       "predicted_test_loss": handler.monitor.predicted_test_loss}))
 
 

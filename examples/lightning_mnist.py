@@ -66,7 +66,7 @@ def main(argv=None):
         trainer.fit(Digits(), loader)
     mon = callback.monitor
     print(json.dumps({"rank": trainer.global_rank, "global_step": trainer.global_step,
-                      "steps": [h["step"] for h in mon.history],
+                      "steps": [h.step for h in mon.history],
                       "predicted_test_loss": mon.predicted_test_loss, "metrics": trainer.logger.log_dir}))
 
 

@@ -298,7 +298,7 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
     """The training loop with the monitor attached; prints the table and the summary."""
     import torch
 
-    from .monitor import GramMonitor
+    from . import GramMonitor, MonitorConfig
     from .training import train
 
     def evaluate():
@@ -322,26 +322,26 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
         nonlocal stop_step, test_seconds
         start = time.perf_counter()
         test_loss, test_acc = evaluate()
-        writer.add_scalar(COMPARE_TAG, test_loss, record["step"])
-        writer.add_scalar("test/accuracy", test_acc, record["step"])
+        writer.add_scalar(COMPARE_TAG, test_loss, record.step)
+        writer.add_scalar("test/accuracy", test_acc, record.step)
         test_seconds += time.perf_counter() - start
-        row = dict(record, measured_test_loss=test_loss, test_accuracy=test_acc)
+        row = dict(record.as_dict(), measured_test_loss=test_loss, test_accuracy=test_acc)
         rows.append(row)
         if stop_step is None and monitor.should_stop(patience=args.patience):
-            stop_step = record["step"]
+            stop_step = record.step
         rel = _rel_error(row)
-        print(f"{record['step']:>6}  {record['step'] / steps_per_epoch:>5.1f}  {_fmt(record['train_loss'], 10)}  "
-              f"{_band(record['predicted_test_loss'], record['predicted_gap_se']):>26}  "
+        print(f"{record.step:>6}  {record.step / steps_per_epoch:>5.1f}  {_fmt(record.train_loss, 10)}  "
+              f"{_band(record.predicted_test_loss, record.predicted_gap_se):>26}  "
               f"{_fmt(test_loss, 18)}  {_fmt(rel, 10, 3)}  {('yes' if _inside(row) else 'no'):>7}"
-              + ("   <- should_stop" if stop_step == record["step"] else ""), flush=True)
+              + ("   <- should_stop" if stop_step == record.step else ""), flush=True)
 
     print(TABLE_HEADER)
     print("-" * len(TABLE_HEADER))
     start = time.perf_counter()
     monitor = GramMonitor(
         model, optimizer, probe=(x_train, t_train), n_train=x_train.shape[0], loss=monitor_loss,
-        every=every, logdir=writer, compare_tag=COMPARE_TAG, probe_size=probe_size, seed=args.seed,
-        total_steps=total_steps,
+        every=every, logdir=writer, probe_size=probe_size, seed=args.seed,
+        config=MonitorConfig(compare_tag=COMPARE_TAG, total_steps=total_steps),
     )
     setup_seconds = time.perf_counter() - start
     seen = len(monitor.history)
@@ -373,7 +373,7 @@ def _train(args, model, optimizer, batch_loss, monitor_loss, writer, x_train, t_
             record = monitor.measure()
             if record is not None:
                 seen = len(monitor.history)
-                clock["monitor"] += record["monitor_seconds"]
+                clock["monitor"] += record.monitor_seconds
                 on_measurement(record)
         suspects = monitor.suspect_samples(5)
     finally:

@@ -13,12 +13,12 @@ import logging
 import os
 import sys
 import warnings
-from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["quiet", "emit", "Failures", "nonfinite_cause", "digest"]
+__all__ = ["quiet", "emit", "Failures", "nonfinite_cause", "digest", "fingerprint", "differences", "check_finite"]
 
 logger = logging.getLogger("gramhook")
 
@@ -180,6 +180,15 @@ def nonfinite_cause(model: nn.Module, x: Optional[Tensor] = None) -> Optional[st
     return None
 
 
+def check_finite(record: object, names: Sequence[str]) -> None:
+    """Raise ``FloatingPointError`` naming the first tensor attribute of ``record`` in ``names``
+    that holds NaN/inf (attributes that are absent or not tensors are skipped)."""
+    for name in names:
+        t = getattr(record, name, None)
+        if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(f"the model's {name.replace('_', ' ')} are not finite (NaN/inf)")
+
+
 def digest(*tensors: Tensor) -> str:
     """A short content hash of tensors (shape, dtype and bytes), e.g. to recognise a probe."""
     h = hashlib.sha1()
@@ -188,6 +197,15 @@ def digest(*tensors: Tensor) -> str:
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint(model: nn.Module, trainable: Sequence[str], probe_x: Tensor, probe_y: Tensor,
+                **settings: object) -> Dict[str, object]:
+    """What a saved monitor state must match to be loaded: the trainable parameters' names and
+    shapes, a digest of the probe, and ``settings`` (``m``, ``k``, ``n_train``, ``loss``, ...)."""
+    names = set(trainable)
+    return {"parameters": tuple((n, tuple(p.shape)) for n, p in model.named_parameters() if n in names),
+            "probe": digest(probe_x, probe_y), **settings}
 
 
 def differences(saved: Mapping[str, object], mine: Mapping[str, object]) -> list:

@@ -23,7 +23,7 @@ from .dynamics.spectral import alignment, information_space, normalized_margins,
 
 __all__ = [
     "SampleRecord", "SCORES", "DEFAULT_SCORE", "score", "class_nuisance", "companion",
-    "forecast", "INSIGHT_KEYS",
+    "forecast", "suspects", "INSIGHT_KEYS",
 ]
 
 # History fields written at each diagnostics readout (NaN elsewhere).
@@ -253,3 +253,23 @@ def forecast(steps: Sequence[float], values: Sequence[float], total_steps: int) 
     a, b = torch.linalg.lstsq(design, v[:, None]).solution[:, 0].tolist()
     final = min(max(a + b * math.log(total_steps), 0.5 * float(v.min())), 2.0 * float(v.max()))
     return final, float(total_steps) if b < 0 else lowest
+
+
+def suspects(index: Tensor, scores: Tensor, targets: Tensor, record: SampleRecord, k: int) -> List[Dict[str, float]]:
+    """The ``k`` highest-scoring probe samples, highest first.
+
+    Args:
+        index: ``(m,)`` positions of the probe samples in the user's data.
+        scores: ``(m,)`` noisy-label scores (NaN ranks last).
+        targets: the probe's targets ``(m, ...)``; class indices give a ``label``.
+        record: the per-sample record whose latest ``gap`` and ``loss`` are reported.
+
+    Returns:
+        dicts with ``index``, ``score``, ``label`` (NaN for non-class targets), ``gap``, ``loss``
+        and ``row`` (the probe row).
+    """
+    order = torch.nan_to_num(scores, nan=-math.inf).argsort(descending=True)[:k]
+    y = targets.detach().cpu()
+    classes = y.dim() == 1 and not y.is_floating_point()
+    return [{"index": int(index[i]), "score": float(scores[i]), "label": int(y[i]) if classes else math.nan,
+             "gap": float(record.gap[i]), "loss": float(record.loss[i]), "row": int(i)} for i in order.tolist()]

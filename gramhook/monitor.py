@@ -1,8 +1,10 @@
 """GramMonitor: the two-line hook. Schedule, hook handles, history and early stopping; no maths.
 
-Data flows one way: optimizer step → :class:`GramMonitor` (decides when to measure) →
-:mod:`gramhook.measure` (kernels at the current weights) → :mod:`gramhook.dynamics` (engines,
-effective Gram) → sinks (TensorBoard).
+Data flows one way: optimizer step → :class:`GramMonitor` (decides when to measure; settings in
+:class:`gramhook.config.MonitorConfig`) → :mod:`gramhook.capture` (each step's batch, per-step
+engine) → :mod:`gramhook.readout` (the prediction and diagnostics at the current weights) →
+:class:`gramhook.measurement.Measurement` in :attr:`GramMonitor.history` → sinks (TensorBoard).
+The periodic research engine reads :mod:`gramhook.measure` instead of the per-step state.
 """
 from __future__ import annotations
 
@@ -11,163 +13,28 @@ import dataclasses
 import math
 import time
 import weakref
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from . import adapt, guard, insight, kernel
+from . import adapt, guard, insight, kernel, readout
+from .capture import ProbeMatcher, StepCapture
+from .config import MonitorConfig, Schedule, check_options, merge
 from .dynamics.effective_gram import EffectiveGram
-from .dynamics.engine import EngineConfig, Mode, ParameterSpaceEngine, Standin, perturbation_factor
-from .losses import residual_and_hessian
+from .dynamics.engine import EngineConfig, ParameterSpaceEngine
+from .dynamics.perstep import PerStepEngine
 from .losses import resolve_loss
 from .measure import compute_rates
-from .optim import check_optimizer, momentum_is_warm, over_coordinates, read_optimizer, step_dt
-from .dynamics.aggregate import effective_samples, regression_estimate
-from .capture import ProbeMatcher, StepCapture
-from .dynamics.perstep import PerStepEngine
-from .optim import whitening
-from .probe import ProbeSet, check_probe_against_model, check_targets, default_probe_size, make_probe
+from .measurement import HISTORY_KEYS, Measurement
+from .optim import check_optimizer, check_trains, momentum_is_warm, over_coordinates, read_optimizer, step_dt, whitening
+from .probe import (Reservoir, as_reference, check_probe_against_model, check_targets, default_probe_size, make_probe,
+                    rows_in)
 
 # The monitor reads wall time through this name only (tests drive a fake clock through it).
 _clock = time.perf_counter
 
-__all__ = ["GramMonitor", "MonitorConfig", "HISTORY_KEYS"]
-
-HISTORY_KEYS = (
-    "step", "time", "train_loss", "predicted_gap", "predicted_gap_se", "predicted_test_loss",
-    "contraction", "perturbation", "alignment", "benign_fraction", "kernel_fidelity",
-    "effective_gram_gap", "monitor_seconds", "overhead", "probe_train_loss", "probe_gap", "gap_slope",
-    "loss_history_slope", "gap_effective_samples", "sketch_extrapolation", "injected", "injection_simulated",
-) + insight.INSIGHT_KEYS
-
-Schedule = Union[int, Callable[[int], bool], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class MonitorConfig:
-    """Settings of a :class:`GramMonitor` (checked at construction).
-
-    Attributes:
-        every: measure every this many optimizer steps, or a callable ``step -> bool``. ``None``
-            (the default) measures whenever the measurements' time has fallen below
-            ``overhead`` times the rest of the run's time since the monitor was attached (your
-            loop, and the per-step engine's work inside it), so their cost stays near that budget
-            on any model and machine. Pass an int for a reproducible cadence.
-        overhead: the cost budget of ``every=None``: measurement seconds per second of the rest
-            of the run.
-        probe_size: probe samples m (default 128 on CPU, 512 on CUDA).
-        coordinates: ``"exact"`` (δ in parameter coordinates), an int sketch dimension s, or
-            ``"auto"``: exact while the probe Jacobians (m·k·P floats) stay under 64 MiB, else
-            s = 4096.
-        reference_size: training inputs per reference batch (captured or from ``reference``).
-        reference_outputs: output directions per reference sample, drawn from the eigenvectors
-            of its output Hessian Λ in proportion to their eigenvalues (unbiased for JᵀΛJ);
-            ``None`` uses all k outputs. A reference sample costs q/k of a full Jacobian, so
-            ``reference_size`` can grow by k/q for the same cost.
-        reference_history: reference batches (this measurement's and the latest earlier ones,
-            weighted 0.7 per measurement back) whose rows make up the contraction between two
-            measurements: a smoothed, higher-rank estimate of the Gauss–Newton matrix at no extra
-            Jacobian cost (memory: that many batches of sketched rows).
-        contraction: ``"left"`` (the contraction measured at an interval's start) or
-            ``"trapezoid"`` (the average of the start's and the end's).
-        mode: ``"loo"`` or ``"replace"`` (replace-one with the other probe samples, or the
-            holdout when given, as stand-in).
-        effective_gram_size: m_K, the sub-probe size for the effective Gram matrix K_n
-            (0 disables it).
-        method: kernel method, ``"auto"``, ``"fast"`` or ``"reference"``.
-        train_sample_size: labelled training samples (a superset of the probe, drawn from the same
-            ``probe`` data) whose loss, one forward pass per measurement, estimates the train
-            loss; the probe's gap is then corrected by its regression on the per-sample train
-            loss (a regression estimator, :func:`gramhook.dynamics.aggregate.regression_estimate`). ``0`` (or any size ≤ the
-            probe) uses the probe alone.
-        sketch_extrapolation: in sketched coordinates, also run the engine on the sketch folded
-            to a half and a quarter of its size (no extra Jacobians) and extrapolate the sketch's
-            bias away (:func:`gramhook.dynamics.engine.sketch_extrapolation_factor`; the factor is
-            the history's ``sketch_extrapolation``). Without it the sketch under-predicts the
-            exact-coordinate engine by a factor that grows with training time and shrinks like
-            1/s. Off by default: on the accuracy grid the sketch's under-prediction offsets part
-            of the engine's own over-prediction, and removing it took the grid from 17 to 12 of
-            28 configurations while fixing the final error of MLPs that memorize. Needs a sketch
-            size divisible by 4; ignored in exact coordinates.
-        loss_history: with a train sample, also regress the probe's gaps on each sample's loss
-            integrated over training time (trapezoid over the measurements), a second covariate
-            that keeps samples memorized late apart from those learnt early. Off by default: on
-            the accuracy grid it moved single configurations by ±0.1–0.3 both ways and the
-            summary not at all.
-        engine: ``"perstep"`` (the default) integrates the leave-one-out dynamics at every
-            optimizer step from the trained batch (:mod:`gramhook.capture`,
-            :class:`gramhook.dynamics.perstep.PerStepEngine`); a measurement only reads out, so
-            its cadence does not change the prediction. ``"periodic"`` integrates between
-            measurements from a reference reservoir (the settings ``reference_*``,
-            ``contraction``, ``sketch_extrapolation`` and ``loss_history`` apply to it only).
-        rows: per-step engine: contraction rows drawn from each trained batch (``None``: half
-            the batch, rounded up). Fewer rows stand for more samples each, which inflates their
-            curvature; on an MNIST MLP (batch 64) 32 rows gave 1.02× brute-force leave-one-out
-            and 8 rows 3.0×.
-        window: per-step engine: steps buffered before they are folded into the state (see
-            :class:`gramhook.dynamics.perstep.PerStepEngine`).
-        diagnostics_every: per-step engine: every this many readouts (the first included) also
-            measure the diagnostics (perturbation ε̄, contraction c̄, the effective Gram matrix
-            K_n and its alignment), which cost about as much again as the prediction; the
-            readouts in between only read the prediction out and log NaN for them.
-        directions: per-step engine: how each contraction row's output direction is drawn,
-            ``"signs"`` (random signs over Λ's eigenvectors) or ``"eigen"`` (one eigenvector in
-            proportion to its eigenvalue); see :class:`gramhook.capture.StepCapture`.
-        seed: seed of the probe choice, sketch and reference sampling (private generators).
-    """
-
-    every: Schedule = None
-    overhead: float = 0.05
-    probe_size: Optional[int] = None
-    coordinates: Union[str, int] = "auto"
-    reference_size: int = 320
-    reference_outputs: Optional[int] = 1
-    reference_history: int = 1
-    contraction: str = "left"
-    mode: str = "loo"
-    effective_gram_size: int = 32
-    method: str = "auto"
-    train_sample_size: int = 1024
-    loss_history: bool = False
-    sketch_extrapolation: bool = False
-    engine: str = "perstep"
-    rows: Optional[int] = None
-    window: int = 32
-    diagnostics_every: int = 4
-    directions: str = "signs"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.every is not None and not callable(self.every):
-            if not isinstance(self.every, int) or self.every < 1:
-                raise ValueError(f"`every` must be a positive int or a callable step -> bool, got {self.every!r}.")
-        if not self.overhead > 0:
-            raise ValueError(f"`overhead` must be a positive fraction such as 0.05, got {self.overhead!r}.")
-        if self.probe_size is not None and self.probe_size < 2:
-            raise ValueError(f"`probe_size` must be at least 2, got {self.probe_size}.")
-        if not (self.coordinates in ("auto", "exact") or (isinstance(self.coordinates, int) and self.coordinates > 0)):
-            raise ValueError(f"`coordinates` must be 'auto', 'exact' or a positive sketch size, got {self.coordinates!r}.")
-        if isinstance(self.train_sample_size, bool) or not isinstance(self.train_sample_size, int) or self.train_sample_size < 0:
-            raise ValueError(f"`train_sample_size` must be a non-negative int (0 disables it), got {self.train_sample_size!r}.")
-        if self.reference_size < 1:
-            raise ValueError(f"`reference_size` must be positive, got {self.reference_size}.")
-        if self.reference_outputs is not None and (isinstance(self.reference_outputs, bool) or not isinstance(self.reference_outputs, int) or self.reference_outputs < 1):
-            raise ValueError(f"`reference_outputs` must be None (all outputs) or a positive int, got {self.reference_outputs!r}.")
-        Mode(self.mode)
-        if self.engine not in ("perstep", "periodic"):
-            raise ValueError(f"`engine` must be 'perstep' or 'periodic', got {self.engine!r}.")
-        if self.rows is not None and (isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1):
-            raise ValueError(f"`rows` must be None (half the batch) or a positive int (contraction rows per step), got {self.rows!r}.")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"`window` must be a positive int, got {self.window!r}.")
-        if self.directions not in ("signs", "eigen"):
-            raise ValueError(f"`directions` must be 'signs' or 'eigen', got {self.directions!r}.")
-        if isinstance(self.diagnostics_every, bool) or not isinstance(self.diagnostics_every, int) or self.diagnostics_every < 1:
-            raise ValueError(f"`diagnostics_every` must be a positive int (1: diagnostics at every readout), "
-                             f"got {self.diagnostics_every!r}.")
-        if self.method not in kernel.METHODS:
-            raise ValueError(f"`method` must be one of {kernel.METHODS}, got {self.method!r}.")
+__all__ = ["GramMonitor"]
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
@@ -198,61 +65,6 @@ def _weak_hook(monitor: "GramMonitor", method: str) -> Callable:
     return hook
 
 
-def _check_finite(rates) -> None:
-    for name in ("outputs", "residual", "probe_jac", "ref_jac"):
-        t = getattr(rates, name, None)
-        if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()):
-            raise FloatingPointError(f"the model's {name.replace('_', ' ')} are not finite (NaN/inf)")
-
-
-def _rows_of(probe: ProbeSet, sample: ProbeSet) -> Tensor:
-    """Row of each probe sample in a train sample drawn from the same source (``None`` indices:
-    the whole source, in order)."""
-    def ids(p: ProbeSet):
-        return p.indices.tolist() if p.indices is not None else list(range(p.x.shape[0]))
-    where = {i: r for r, i in enumerate(ids(sample))}
-    return torch.tensor([where[i] for i in ids(probe)], dtype=torch.long)
-
-
-class _Reservoir:
-    """A bounded uniform sample of the training inputs seen since the last measurement.
-
-    Holds at most ``capacity`` rows, cloned and detached; the user's batch itself is never kept.
-    """
-
-    def __init__(self, capacity: int, seed: int):
-        self.capacity = capacity
-        self.gen = torch.Generator().manual_seed(seed + 1)
-        self.rows: List[Tensor] = []
-        self.seen = 0
-
-    def add(self, x: Tensor) -> None:
-        x = x.detach()
-        for start in range(0, x.shape[0]):
-            self.seen += 1
-            if len(self.rows) < self.capacity:
-                self.rows.append(x[start].clone())
-            else:
-                j = int(torch.randint(0, self.seen, (1,), generator=self.gen))
-                if j < self.capacity:
-                    self.rows[j] = x[start].clone()
-
-    def take(self) -> Optional[Tensor]:
-        if not self.rows:
-            return None
-        out = torch.stack(self.rows)
-        self.rows, self.seen = [], 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {"rows": [r.clone() for r in self.rows], "seen": self.seen, "gen": self.gen.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rows = [r.clone() for r in state["rows"]]
-        self.seen = state["seen"]
-        self.gen.set_state(state["gen"])
-
-
 class GramMonitor:
     """Predict the test loss of a model while it trains, from the empirical NTK on a probe.
 
@@ -266,28 +78,21 @@ class GramMonitor:
             fixed subset of ``probe_size`` samples is drawn once, deterministically.
         n_train: size of the training set (inferred from a Dataset/DataLoader probe).
         loss: ``"cross_entropy"``, ``"mse"`` or a per-sample callable ``(out, y) -> (batch,)``.
-        every: measurement schedule (see :class:`MonitorConfig`).
         logdir: a path or a ``SummaryWriter`` for TensorBoard, or ``None``.
-        holdout: optional labelled held-out ``(x, y)``; used as the stand-in in replace-one mode.
-        reference: optional training inputs ``x`` or ``(x, y)`` for the contraction. When omitted,
-            the monitor samples the inputs of the model's own training forwards (a forward
-            pre-hook active while ``model.training`` is true) into a bounded reservoir of cloned
-            rows, emptied at every measurement.
-        compare_tag: the TensorBoard tag of your measured test loss, drawn beside the prediction.
-        output: which part of a structured model output is the prediction: a key (dict,
-            ``ModelOutput``), an index (tuple) or a callable; by default the output itself if it
-            is a tensor, else ``logits``, else the first tensor (:func:`gramhook.adapt.select_output`).
-        inputs: for dict samples, the keys that go to the model as keywords (default: all but the
-            label key, one of :data:`gramhook.adapt.LABEL_KEYS`), or a callable
-            ``sample -> (model_inputs, target)``. Models taking several tensors or keywords are
-            measured through :class:`gramhook.adapt.Adapted`.
-        total_steps: the optimizer steps the run will take, for the forecast (also
-            :meth:`set_total_steps`); ``None``: no forecast.
-        **settings: the fields of :class:`MonitorConfig`.
+        every: measurement schedule: an int, a callable ``step -> bool``, or ``None`` for a 5%
+            time budget (see :class:`MonitorConfig`).
+        probe_size: probe samples m (default 128 on CPU, 512 on CUDA).
+        seed: seed of the probe choice and of the monitor's private sampling.
+        config: every other setting, a :class:`MonitorConfig`.
 
-    The hooks hold the monitor weakly: one that is no longer referenced stops measuring. Call
-    :meth:`close` (or use ``with GramMonitor(...) as monitor:``) when done; :meth:`detach` only
-    removes the hooks. Nothing raised inside a hook reaches your loop (README, "Reliability").
+    Raises:
+        TypeError: an unknown keyword; the message says what to pass instead (a setting goes in
+            ``config=MonitorConfig(...)``; a removed option says why it went).
+
+    Results are :class:`Measurement` records in :attr:`history` (also returned by
+    :meth:`measure`). The hooks hold the monitor weakly: one that is no longer referenced stops
+    measuring. Call :meth:`close` (or use ``with GramMonitor(...) as monitor:``) when done;
+    :meth:`detach` only removes the hooks. Nothing raised inside a hook reaches your loop.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -296,8 +101,8 @@ class GramMonitor:
         >>> monitor = GramMonitor(model, opt, probe=(x, y), n_train=32, every=1)
         >>> for _ in range(3):
         ...     opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()
-        >>> len(monitor.history)
-        4
+        >>> len(monitor.history), monitor.history[-1].step
+        (4, 3)
         >>> monitor.close()
     """
 
@@ -309,31 +114,30 @@ class GramMonitor:
         probe,
         n_train: Optional[int] = None,
         loss="cross_entropy",
-        every: Schedule = None,
         logdir=None,
-        holdout=None,
-        reference=None,
-        compare_tag: Optional[str] = None,
-        output=None,
-        inputs=None,
-        total_steps: Optional[int] = None,
-        **settings,
+        every: Schedule = None,
+        probe_size: Optional[int] = None,
+        seed: int = 0,
+        config: Optional[MonitorConfig] = None,
+        **unknown,
     ):
+        check_options(unknown)
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         check_optimizer(optimizer)
-        self.config = MonitorConfig(every=every, **settings)
+        self.config = config = merge(config, every=every, probe_size=probe_size, seed=seed)
         # A torch.compile'd module: the monitor's kernels run on the eager module inside it (same
         # parameters), and the training inputs are read where the user calls, on the wrapper.
         called = model
         model = _uncompiled(model)
         # Keyword/dict inputs and structured outputs: measure an adapter around the model.
         self.user_model = called
-        probe, model = adapt.prepare(model, probe, output=output, inputs=inputs)
+        probe, model = adapt.prepare(model, probe, output=config.output, inputs=config.inputs)
+        reference = config.reference
         if isinstance(model, adapt.Adapted):
-            holdout, reference = model.convert(holdout), model.convert(reference)
+            reference = model.convert(reference)
         self.model, self.optimizer = model, optimizer
         self.loss = resolve_loss(loss)
         if not any(p.requires_grad for p in model.parameters()):
@@ -354,7 +158,7 @@ class GramMonitor:
         self.k = check_probe_against_model(model, self.probe, self.loss)
         self.loss = self.loss.with_out_shape(self._out_shape())
         m = self.probe.x.shape[0]
-        self._check_held(model, optimizer)
+        check_trains(model, optimizer)
         # The same seed draws the same permutation, so the train sample contains the probe.
         self.train_sample = None
         if self.config.train_sample_size > m:
@@ -363,15 +167,11 @@ class GramMonitor:
             if sample.x.shape[0] > m:
                 check_targets(sample, self.k, self.loss, what="train sample (probe data beyond the probe)")
                 self.train_sample = sample
-                self._probe_rows = _rows_of(self.probe, sample)
-        self._loss_int: Optional[Tensor] = None      # ∫ ℓ dt per train-sample row (loss_history)
-        self._loss_prev: Optional[Tensor] = None
-        self._loss_time = 0.0
-        self.holdout = self._tensors(holdout, "holdout", labelled=True)
+                self._probe_rows = rows_in(self.probe, sample)
         # Probe rows in training batches: the per-step engine injects them; the periodic engine keeps
         # them out of its reference (there a probe sample would contract its own perturbation).
         self._probe_filter = ProbeMatcher(self.probe.x, self.config.seed)
-        self.reference = self._tensors(reference, "reference", labelled=False)
+        self.reference = as_reference(reference, self.device)
         if self.reference is not None:
             keep = self._probe_filter.keep(self.reference[0])
             if not bool(keep.any()):
@@ -383,12 +183,11 @@ class GramMonitor:
             self.reference = (x_ref[keep], None if y_ref is None else y_ref[keep])
         if self.loss.hessian_needs_target and (self.reference is None or self.reference[1] is None):
             raise ValueError(
-                f"The loss {self.loss.name!r} may have a target-dependent Hessian, so the contraction "
-                "needs labelled training samples: pass reference=(x_train, y_train), or set "
-                "`loss.hessian_needs_target = False` on your loss function if Λ does not depend on y."
+                f"The loss {self.loss.name!r} may have a target-dependent Hessian, but the contraction "
+                "rows are drawn from unlabelled training inputs: set `loss.hessian_needs_target = False` "
+                "on your loss function if Λ does not depend on y, or use labelled reference batches with "
+                "config=MonitorConfig(engine='periodic', reference=(x_train, y_train))."
             )
-        mode = Mode(self.config.mode)
-        standin = Standin.HOLDOUT if (mode is Mode.REPLACE and self.holdout is not None) else Standin.PROBE
         # The probe's own rows enter the contraction exactly (weight 1/n each) and the reference batch
         # stands for the other n − m samples, so the own-sample exclusion is exact (THEORY §3(a)).
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -397,10 +196,6 @@ class GramMonitor:
             # Exact coordinates hold (m, k, P) Jacobians and cost O(R²·P) per measurement.
             coords = "exact" if m * self.k * n_params * 4 <= 64 * 2**20 else 4096
         self.coordinates = coords
-        self.engine_config = EngineConfig(n_train=self.n_train, m=m, mode=mode, standin=standin,
-                                          reference_history=self.config.reference_history,
-                                          contraction=self.config.contraction,
-                                          sketch_extrapolation=self.config.sketch_extrapolation and coords != "exact")
         dim = n_params if coords == "exact" else int(coords)
         dtype = next(model.parameters()).dtype
         dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -408,7 +203,8 @@ class GramMonitor:
         self.perstep: Optional[PerStepEngine] = None
         self._stepper: Optional[StepCapture] = None
         if self.config.engine == "periodic":
-            self.engine = ParameterSpaceEngine(self.engine_config, dim, self.loss, dtype=dtype, device=self.device)
+            self.engine = ParameterSpaceEngine(EngineConfig(n_train=self.n_train, m=m), dim, self.loss, dtype=dtype,
+                                               device=self.device)
         else:
             self.perstep = PerStepEngine(m, dim, window=self.config.window, dtype=dtype, device=self.device)
             self._stepper = StepCapture(model, optimizer, self.loss, self.probe.x, self.probe.y, self.n_train,
@@ -422,9 +218,9 @@ class GramMonitor:
         m_k = min(self.config.effective_gram_size, m)
         self.effective = EffectiveGram(self.n_train, dtype=dtype, device=self.device) if m_k >= 2 else None
         self._m_k = m_k
-        self._reservoir = _Reservoir(self.config.reference_size, self.config.seed)
+        self._reservoir = Reservoir(self.config.reference_size, self.config.seed + 1)
         self._ref_gen = torch.Generator().manual_seed(self.config.seed + 2)
-        self.history: List[Dict[str, float]] = []
+        self.history: List[Measurement] = []
         self.step = 0
         self._elapsed = 0.0
         self._monitor_seconds = 0.0
@@ -435,13 +231,14 @@ class GramMonitor:
         self._told_new = False
         self._last_gaps: Optional[Tensor] = None
         self._samples = insight.SampleRecord(m)  # per-sample sums for the noisy-label scores
-        self.total_steps = None
-        if total_steps is not None:
-            self.set_total_steps(total_steps)
         # SGD momentum builds up from an empty buffer: the first steps move less (optim.step_dt).
         self._cold_start = not momentum_is_warm(optimizer)
-        self._fingerprint = self._make_fingerprint()
-        sink = self._make_sink(logdir, compare_tag)  # a bad logdir fails here, before any hook
+        # What a saved state must match to be loaded here (see load_state_dict).
+        self._fingerprint = guard.fingerprint(
+            self.model, self._trainable, self.probe.x, self.probe.y, m=self.probe.m, k=self.k, n_train=self.n_train,
+            loss=self.loss.name, engine=config.engine, coordinates=self.coordinates, seed=config.seed,
+            effective_gram_size=self._m_k, train_sample=0 if self.train_sample is None else self.train_sample.m)
+        sink = self._make_sink(logdir, config.compare_tag)  # a bad logdir fails here, before any hook
         # Hooks hold the monitor weakly: a monitor that is no longer referenced stops measuring.
         self._handles = [optimizer.register_step_post_hook(_weak_hook(self, "_on_step"))]
         if self._stepper is not None:
@@ -464,57 +261,9 @@ class GramMonitor:
         self._budget_origin = (_clock(), self._monitor_seconds)
 
     # -- construction helpers -----------------------------------------------------------------
-    @staticmethod
-    def _check_held(model: nn.Module, optimizer) -> None:
-        """The optimizer must train some of the model; trainable parameters outside it are held
-        fixed (P = 0), which is said once here."""
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
-        if not any(id(p) in held for p in model.parameters()):
-            raise ValueError(
-                "The optimizer trains none of the model's parameters: pass the optimizer built from "
-                "this model's parameters (torch.optim.SGD(model.parameters(), ...)).")
-        if outside:
-            shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
-            guard.emit(
-                f"gramhook: {len(outside)} trainable parameter(s) are not in the optimizer ({shown}); the "
-                "prediction holds them fixed. If another optimizer trains them, their motion is left "
-                "out: attach the monitor to the optimizer that trains most of the model, or set "
-                "requires_grad=False on parameters that stay frozen.", UserWarning)
-
-    def _make_fingerprint(self) -> Dict[str, object]:
-        """What a saved state must match to be loaded here (see :meth:`load_state_dict`)."""
-        c = self.config
-        return {
-            "parameters": tuple((n, tuple(p.shape)) for n, p in self.model.named_parameters() if n in self._trainable),
-            "probe": guard.digest(self.probe.x, self.probe.y),
-            "m": self.probe.m, "k": self.k, "n_train": self.n_train, "loss": self.loss.name,
-            "engine": c.engine, "coordinates": self.coordinates, "mode": c.mode, "seed": c.seed,
-            "effective_gram_size": self._m_k,
-            "train_sample": 0 if self.train_sample is None else self.train_sample.m,
-        }
-
     def _out_shape(self):
         with torch.no_grad(), kernel.eval_mode(self.model):
             return tuple(self.model(self.probe.x[:1]).shape[1:])
-
-    def _tensors(self, data, what: str, labelled: bool):
-        if data is None:
-            return None
-        if isinstance(data, Tensor):
-            if labelled:
-                raise ValueError(f"`{what}` must be a pair (x, y) of tensors.")
-            return data.to(self.device), None
-        if isinstance(data, (tuple, list)) and len(data) == 2:
-            x, y = data
-            if not isinstance(x, Tensor) or (y is not None and not isinstance(y, Tensor)):
-                raise TypeError(f"`{what}` must hold tensors, got ({type(x).__name__}, {type(y).__name__}).")
-            if y is not None and x.shape[0] != y.shape[0]:
-                raise ValueError(f"`{what}` has {x.shape[0]} inputs but {y.shape[0]} targets.")
-            if x.shape[0] == 0:
-                raise ValueError(f"`{what}` is empty.")
-            return x.to(self.device), None if y is None else y.to(self.device)
-        raise TypeError(f"`{what}` must be a tensor of inputs or a pair (x, y), got {type(data).__name__}.")
 
     def _due(self, step: int) -> bool:
         every = self.config.every
@@ -613,7 +362,7 @@ class GramMonitor:
                     f"gramhook: {len(new)} parameter(s) became trainable after the monitor was attached "
                     f"({', '.join(new[:4])}{', ...' if len(new) > 4 else ''}); exact coordinates were fixed "
                     "then, so the prediction holds them fixed. Attach the monitor after unfreezing, or use "
-                    "sketched coordinates (coordinates=4096), which follow them.", UserWarning)
+                    "sketched coordinates (config=MonitorConfig(coordinates=4096)), which follow them.", UserWarning)
         if closure:
             self._stepper.pending = []
             raise RuntimeError(
@@ -662,8 +411,9 @@ class GramMonitor:
             self.measure()
 
     # -- measurement --------------------------------------------------------------------------
-    def measure(self) -> Optional[Dict[str, float]]:
-        """Measure now. Failures are reported once and skipped; training goes on."""
+    def measure(self) -> Optional[Measurement]:
+        """Measure now and append the result to :attr:`history`. Failures are reported once and
+        skipped (``None``); training goes on."""
         start = _clock()
         try:
             with self._isolated():
@@ -679,6 +429,7 @@ class GramMonitor:
         outside = _clock() - self._started - self._monitor_seconds
         # Monitor time over the user's time since the monitor was attached; undefined before any step.
         record["overhead"] = self._monitor_seconds / outside if self.step > 0 and outside > 0 else math.nan
+        record = Measurement(**record)
         self.history.append(record)
         if self.sink is not None:
             self._write(record)
@@ -711,9 +462,7 @@ class GramMonitor:
                                        "(see the step failure reported before)")
                 record = self._readout()
             else:
-                record = self._measure_periodic()
-                record.update(injected=math.nan, injection_simulated=math.nan)
-                record.update({key: math.nan for key in insight.INSIGHT_KEYS})  # per-step engine only
+                record = self._measure_periodic()  # no injections, no per-sample insight
         except Exception as exc:
             cause = self._nonfinite(None)
             if cause is None:
@@ -734,39 +483,26 @@ class GramMonitor:
         pre = whitening(self.optimizer, self.model, names=names, still=self._stepper.still)
         x, y = self.probe.x, self.probe.y
         sketch = None if self.coordinates == "exact" else int(self.coordinates)
-        seed, method = self.config.seed, self.config.method
+        seed = self.config.seed
         sample_losses = None
         if self.train_sample is None:
-            with torch.no_grad(), kernel.eval_mode(self.model):
-                out = self.model(x).reshape(x.shape[0], -1)
+            out = readout.batched_outputs(self.model, x)
         else:  # the probe is part of the train sample: one forward pass serves both
-            sample_out = self._train_sample_outputs()
+            sample_out = readout.batched_outputs(self.model, self.train_sample.x)
             sample_losses = self.loss(sample_out, self.train_sample.y).detach()
-            if not torch.isfinite(sample_losses).all():
-                raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
             out = sample_out[self._probe_rows.to(sample_out.device)]
         # u_i = J_i δ_i by forward mode: one tangent per sample, no (m, k, D) Jacobian.
         u = kernel.tangent_outputs(self.model, x, self.perstep.delta(), s=sketch, seed=seed, preconditioner=pre,
                                    names=names)
         gaps = self.perstep.loss_gaps(u, out, y, self.loss)
-        if not torch.isfinite(gaps).all():
-            raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
-        probe_losses = self.loss(out, y).detach()
+        record = readout.gap_fields(self.loss(out, y).detach(), gaps, sample_losses)
         self._elapsed_total += self._elapsed
         self._elapsed = 0.0
         t = self._elapsed_total
-        mean = float(gaps.double().mean())
+        mean = record["probe_gap"]
         self._last_gaps = gaps.detach().cpu()
-        train_loss, gap, gap_se, slope, hist_slope = regression_estimate(probe_losses, gaps, sample_losses, None, None)
-        record = {key: math.nan for key in HISTORY_KEYS}
-        record.update({
-            "step": self.step, "time": t, "train_loss": train_loss, "predicted_gap": gap,
-            "predicted_gap_se": gap_se, "predicted_test_loss": train_loss + gap,
-            "probe_train_loss": float(probe_losses.double().mean()), "probe_gap": mean,
-            "gap_slope": slope, "gap_effective_samples": effective_samples(gaps),
-            "injected": float(self.perstep.injections),
-            "injection_simulated": float(self._stepper.simulate),
-        })
+        record.update(step=self.step, time=t, injected=float(self.perstep.injections),
+                      injection_simulated=float(self._stepper.simulate))
         full = self._readouts % self.config.diagnostics_every == 0
         self._readouts += 1
         if full:
@@ -776,30 +512,23 @@ class GramMonitor:
     def _diagnostics(self, x, out, y, pre, sketch, names, t: float, mean: float) -> Dict[str, float]:
         """ε̄, c̄ and the effective Gram matrix's statistics at a readout."""
         seed, method = self.config.seed, self.config.method
-        r, lam = residual_and_hessian(self.loss, out, y)
-        grads = kernel.vjp_rows(self.model, x, r.unsqueeze(1), s=sketch, seed=seed, preconditioner=pre,
-                                method=method, names=names)[:, 0]
-        eps = perturbation_factor(grads, None, self.n_train)
-        contraction = math.nan
-        if self._prev_readout is not None and t > self._prev_readout[0] and abs(mean) > 1e-12:
-            rate = (mean - self._prev_readout[1]) / (t - self._prev_readout[0])
-            contraction = (eps - rate) / mean
+        eps, r, lam = readout.perturbation(self.model, self.loss, x, out, y, self.n_train, sketch=sketch, seed=seed,
+                                           preconditioner=pre, method=method, names=names)
+        contraction = readout.contraction_rate(eps, (t, mean), self._prev_readout)
         self._prev_readout = (t, mean)
         record = {"contraction": contraction, "perturbation": eps}
         if self.effective is not None:
-            xs = x[: self._m_k]
-            sub = (kernel.flat_jacobian(self.model, xs, preconditioner=pre, power=0.5, method=method, names=names)
-                   if sketch is None
-                   else kernel.sketched_jacobian(self.model, xs, sketch, seed=seed, preconditioner=pre, method=method))
+            sub = readout.sub_probe_jacobian(self.model, x[: self._m_k], sketch=sketch, seed=seed, preconditioner=pre,
+                                             method=method, names=names)
             sub = sub.to(self.perstep.base.dtype)  # float32 for 16-bit models (no 16-bit eigensolver)
-            theta = torch.einsum("iap,jbp->iajb", sub, sub)
+            theta = readout.sub_probe_ntk(sub)
             dt = t - getattr(self, "_k_time", t)
             self._k_time = t
             c = contraction if math.isfinite(contraction) else 0.0
             stats = self.effective.update(dt, theta, r[: self._m_k], lam[: self._m_k], c)
             record.update(alignment=stats.alignment, benign_fraction=stats.benign_fraction,
                           kernel_fidelity=stats.kernel_fidelity, effective_gram_gap=stats.gap)
-            self._last_spectrum = torch.linalg.eigvalsh(theta.reshape(self._m_k * self.k, -1) / self._m_k).cpu()
+            self._last_spectrum = readout.ntk_spectrum(theta)
         record.update(self._insight(out, y, r, theta if self.effective is not None else None))
         return record
 
@@ -810,7 +539,6 @@ class GramMonitor:
             self.model, self.loss, self.probe.x, self.probe.y, metric,
             coordinates=self.coordinates, ref_x=ref_x, ref_y=ref_y,
             ref_weight=(self.n_train - self.probe.x.shape[0]) / self.n_train,
-            holdout=self.holdout if self.engine_config.standin is Standin.HOLDOUT else None,
             seed=self.config.seed, method=self.config.method,
             ref_outputs=self.config.reference_outputs, generator=self._ref_gen,
         )
@@ -820,46 +548,19 @@ class GramMonitor:
             # then carries (n − 1)/(m − 1) samples, so that in run i the m − 1 others carry the
             # n − 1 others; sample i's own row is excluded whatever its weight.
             rates.probe_weight = (self.n_train - 1) / (m - 1)
-        _check_finite(rates)  # before the engine: a failed measurement must not leave NaN in its state
+        guard.check_finite(rates, ("outputs", "residual", "probe_jac", "ref_jac"))  # before the engine: a failed measurement must not leave NaN in its state
         # The continuous flow: across THEORY §7's checks it tracked leave-one-out better than the
         # discrete optimizer map whenever the kernel moves (tanh MLP +0.5% against +9%).
         est = self.engine.measure(self._elapsed if self.history else 0.0, rates)
         self._elapsed = 0.0
-        probe_losses = self.loss(rates.outputs, self.probe.y).detach()
-        gaps = est.per_sample
-        if not torch.isfinite(gaps).all():
-            raise FloatingPointError("the per-sample gaps are not finite (NaN/inf in the model or its gradients)")
-        self._last_gaps = gaps.detach().cpu()
-        sample_losses = None if self.train_sample is None else self._train_sample_losses()
-        if sample_losses is not None and not torch.isfinite(sample_losses).all():
-            raise FloatingPointError("the train-sample losses are not finite (NaN/inf in the model)")
-        probe_hist = sample_hist = None
-        if sample_losses is not None:
-            probe_hist, sample_hist = self._loss_integral(sample_losses, est.time, m)
-        train_loss, gap, gap_se, slope, hist_slope = regression_estimate(
-            probe_losses, gaps, sample_losses, probe_hist, sample_hist)
-        record = {
-            "step": self.step,
-            "time": est.time,
-            "train_loss": train_loss,
-            "predicted_gap": gap,
-            "predicted_gap_se": gap_se,
-            "predicted_test_loss": train_loss + gap,
-            "probe_train_loss": float(probe_losses.double().mean()),
-            "probe_gap": float(gaps.double().mean()),
-            "gap_slope": slope,
-            "loss_history_slope": hist_slope,
-            "gap_effective_samples": effective_samples(gaps),
-            "sketch_extrapolation": self.engine.extrapolation,
-            "contraction": est.contraction,
-            "perturbation": est.perturbation,
-            "alignment": math.nan,
-            "benign_fraction": math.nan,
-            "kernel_fidelity": math.nan,
-            "effective_gram_gap": math.nan,
-        }
+        sample_losses = None if self.train_sample is None else self.loss(
+            readout.batched_outputs(self.model, self.train_sample.x), self.train_sample.y).detach()
+        record = readout.gap_fields(self.loss(rates.outputs, self.probe.y).detach(), est.per_sample, sample_losses)
+        self._last_gaps = est.per_sample.detach().cpu()
+        record.update(step=self.step, time=est.time, contraction=est.contraction, perturbation=est.perturbation)
         if self.effective is not None:
-            theta = self._sub_probe_ntk(rates)
+            # float32 for 16-bit models
+            theta = readout.sub_probe_ntk(rates.probe_jac[: self._m_k].to(self.engine.delta.dtype), rates.metric)
             dt = est.time - getattr(self, "_k_time", est.time)
             self._k_time = est.time
             c = est.contraction if math.isfinite(est.contraction) else 0.0
@@ -868,42 +569,8 @@ class GramMonitor:
                 alignment=stats.alignment, benign_fraction=stats.benign_fraction,
                 kernel_fidelity=stats.kernel_fidelity, effective_gram_gap=stats.gap,
             )
-            self._last_spectrum = torch.linalg.eigvalsh(theta.reshape(self._m_k * self.k, -1) / self._m_k).cpu()
+            self._last_spectrum = readout.ntk_spectrum(theta)
         return record
-
-    def _loss_integral(self, losses: Tensor, time: float, m: int):
-        """``∫ ℓ_i dt`` of every train-sample row up to ``time`` (trapezoid over measurements): the
-        probe's rows and the sample's; ``(None, None)`` while it is zero or when ``loss_history``
-        is off."""
-        if not self.config.loss_history:
-            return None, None
-        losses = losses.detach().double()
-        if self._loss_int is None:
-            self._loss_int = torch.zeros_like(losses)
-        else:
-            self._loss_int = self._loss_int + 0.5 * (self._loss_prev + losses) * max(time - self._loss_time, 0.0)
-        self._loss_prev, self._loss_time = losses, time
-        if not bool((self._loss_int > 0).any()):
-            return None, None
-        return self._loss_int[self._probe_rows.to(self._loss_int.device)], self._loss_int
-
-    def _train_sample_losses(self) -> Tensor:
-        return self.loss(self._train_sample_outputs(), self.train_sample.y).detach()
-
-    def _train_sample_outputs(self) -> Tensor:
-        """Flattened eval-mode outputs on the train sample, ``(N, k)``, in chunks of 512."""
-        x, out = self.train_sample.x, []
-        with torch.no_grad(), kernel.eval_mode(self.model):
-            for lo in range(0, x.shape[0], 512):
-                chunk = self.model(x[lo:lo + 512])
-                out.append(chunk.reshape(chunk.shape[0], -1))
-        return torch.cat(out)
-
-    def _sub_probe_ntk(self, rates) -> Tensor:
-        """Θ on the first m_K probe samples from the engine's Jacobians ``(m_K, k, m_K, k)``."""
-        jac = rates.probe_jac[: self._m_k].to(self.engine.delta.dtype)  # float32 for 16-bit models
-        left = jac if rates.metric is None else jac * rates.metric.to(jac.dtype)
-        return torch.einsum("iap,jbp->iajb", left, jac)
 
     def _shrink(self) -> None:
         """After an out-of-memory failure: halve the reference batch and the kernel budget."""
@@ -933,17 +600,17 @@ class GramMonitor:
             except Exception:
                 pass
 
-    def _write(self, record: Dict[str, float]) -> None:
+    def _write(self, record: Measurement) -> None:
         try:
-            self.sink.write_scalars(record["step"], {k: v for k, v in record.items() if k != "step"})
+            self.sink.write_scalars(record.step, {k: v for k, v in record.as_dict().items() if k != "step"})
             spectrum = getattr(self, "_last_spectrum", None)
-            self.sink.write_histograms(record["step"], self._last_gaps, spectrum)
+            self.sink.write_histograms(record.step, self._last_gaps, spectrum)
         except Exception as exc:
             self._report("tensorboard", exc)
 
     # -- results ------------------------------------------------------------------------------
     def _latest(self, key: str) -> float:
-        return self.history[-1][key] if self.history else math.nan
+        return getattr(self.history[-1], key) if self.history else math.nan
 
     @property
     def seconds(self) -> float:
@@ -977,13 +644,14 @@ class GramMonitor:
     def effective_gram(self) -> Tensor:
         """K_n on the sub-probe, ``(m_K·k, m_K·k)``, index ``i·k + a``."""
         if self.effective is None:
-            raise RuntimeError("The effective Gram matrix is disabled (effective_gram_size=0).")
+            raise RuntimeError("The effective Gram matrix is disabled (MonitorConfig(effective_gram_size=0)).")
         return self.effective.matrix.clone()
 
     def _series(self, metric: str) -> List[tuple]:
-        if self.history and metric not in self.history[0]:
-            raise KeyError(f"Unknown metric {metric!r}; use one of {sorted(self.history[0])}.")
-        return [(h["step"], h[metric]) for h in self.history if math.isfinite(h[metric])]
+        if metric not in HISTORY_KEYS:
+            raise KeyError(f"Unknown metric {metric!r}; use one of {sorted(HISTORY_KEYS)}.")
+        values = [(h.step, getattr(h, metric)) for h in self.history]
+        return [(step, v) for step, v in values if math.isfinite(v)]
 
     @property
     def best(self) -> Optional[Dict[str, float]]:
@@ -1010,7 +678,7 @@ class GramMonitor:
             "fingerprint": dict(self._fingerprint),
             "step": self.step,
             "elapsed": self._elapsed,
-            "history": [dict(h) for h in self.history],
+            "history": [h.as_dict() for h in self.history],
             "engine": None if self.engine is None else self.engine.state_dict(),
             "effective": None if self.effective is None else self.effective.state_dict(),
             "k_time": getattr(self, "_k_time", None),
@@ -1018,7 +686,6 @@ class GramMonitor:
             "ref_gen": self._ref_gen.get_state(),
             "last_gaps": self._last_gaps,
             "cold_start": self._cold_start,
-            "loss_integral": (self._loss_int, self._loss_prev, self._loss_time),
             "perstep": None if self.perstep is None else self.perstep.state_dict(),
             "stepper": None if self._stepper is None else self._stepper.state_dict(),
             "elapsed_total": self._elapsed_total,
@@ -1038,7 +705,7 @@ class GramMonitor:
         self._unwritten = None  # the saved run already wrote its points
         self.step = state["step"]
         self._elapsed = state["elapsed"]
-        self.history = [dict(h) for h in state["history"]]
+        self.history = [Measurement.from_dict(h) for h in state["history"]]
         if self.engine is not None:
             self.engine.load_state_dict(state["engine"])
         if self.effective is not None and state["effective"] is not None:
@@ -1049,7 +716,6 @@ class GramMonitor:
         self._ref_gen.set_state(state["ref_gen"])
         self._last_gaps = state["last_gaps"]
         self._cold_start = state.get("cold_start", False)
-        self._loss_int, self._loss_prev, self._loss_time = state.get("loss_integral", (None, None, 0.0))
         if self.perstep is not None and state.get("perstep") is not None:
             self.perstep.load_state_dict(state["perstep"])
             self._stepper.load_state_dict(state["stepper"])
@@ -1131,9 +797,12 @@ class GramMonitor:
 
     def set_total_steps(self, total_steps: int) -> None:
         """The optimizer steps the whole run will take; turns the forecast on."""
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"`total_steps` must be a positive int (the run's optimizer steps), got {total_steps!r}.")
-        self.total_steps = total_steps
+        self.config = dataclasses.replace(self.config, total_steps=total_steps)
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        """The run's optimizer steps for the forecast (:attr:`MonitorConfig.total_steps`)."""
+        return self.config.total_steps
 
     def _probe_index(self) -> Tensor:
         return self.probe.indices.clone() if self.probe.indices is not None else torch.arange(self.probe.m)
@@ -1156,12 +825,7 @@ class GramMonitor:
 
     def _suspect_rows(self, k: int, score: str = insight.DEFAULT_SCORE) -> List[Dict[str, float]]:
         index, s = self.label_noise_scores(score)
-        order = torch.nan_to_num(s, nan=-math.inf).argsort(descending=True)[:k]
-        y = self.probe.y.detach().cpu()
-        return [{"index": int(index[i]), "score": float(s[i]),
-                 "label": (int(y[i]) if y.dim() == 1 and not y.is_floating_point() else math.nan),
-                 "gap": float(self._samples.gap[i]), "loss": float(self._samples.loss[i]),
-                 "row": int(i)} for i in order.tolist()]
+        return insight.suspects(index, s, self.probe.y, self._samples, k)
 
     def suspect_samples(self, k: int = 10, score: str = insight.DEFAULT_SCORE) -> List[Dict[str, float]]:
         """The ``k`` most suspect samples, most suspect first: dicts with ``index`` (position in

@@ -36,7 +36,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StepMetric", "read_optimizer", "check_optimizer", "step_dt", "SUPPORTED_OPTIMIZERS"]
+__all__ = ["StepMetric", "read_optimizer", "check_optimizer", "check_trains", "step_dt", "SUPPORTED_OPTIMIZERS"]
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "NAdam", "RAdam")
 # Optimizers whose P is read by _diag_precond (the others: SGD, P = I; Adam/AdamW, _adam_v).
@@ -516,3 +516,27 @@ def _diagonal_rule(kind: str, optimizer, ref: dict, by_id: dict, pre, lr: float,
         return StepRule("nadam", lr=lr, momentum=beta1, bias_correction=c_m, grad_weight=c_g, shrink=shrink(lr))
     # Adamax and RAdam: Adam's bias-corrected first moment.
     return StepRule("adam", lr=lr, momentum=beta1, bias_correction=1.0 / (1.0 - beta1 ** t), shrink=shrink(lr))
+
+
+def check_trains(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer must train some of the model; trainable parameters outside it are held
+    fixed (P = 0), which is said once here (a ``UserWarning``).
+
+    Raises:
+        ValueError: the optimizer trains none of the model's parameters.
+    """
+    from .guard import emit
+
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if not any(id(p) in held for p in model.parameters()):
+        raise ValueError(
+            "The optimizer trains none of the model's parameters: pass the optimizer built from "
+            "this model's parameters (torch.optim.SGD(model.parameters(), ...)).")
+    if outside:
+        shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
+        emit(
+            f"gramhook: {len(outside)} trainable parameter(s) are not in the optimizer ({shown}); the "
+            "prediction holds them fixed. If another optimizer trains them, their motion is left "
+            "out: attach the monitor to the optimizer that trains most of the model, or set "
+            "requires_grad=False on parameters that stay frozen.", UserWarning)

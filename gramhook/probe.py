@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from .kernel import eval_mode
 from .losses import PerSampleLoss, Loss, per_sample_losses, resolve_loss
 
-__all__ = ["ProbeSet", "make_probe", "check_probe_against_model", "check_targets", "default_probe_size"]
+__all__ = ["ProbeSet", "make_probe", "check_probe_against_model", "check_targets", "default_probe_size", "rows_in",
+           "Reservoir", "as_reference"]
 
 Device = Union[None, str, torch.device]
 
@@ -386,3 +387,80 @@ def check_targets(probe: ProbeSet, k: int, loss: Loss, what: str = "probe") -> N
             f"The {what} labels must lie in [0, {k}) for a model with k={k} outputs, but range over "
             f"[{lo}, {hi}] (samples {bad}). Make the model's last layer output one logit per class, "
             "or remap the labels to 0..k-1.")
+
+
+def rows_in(probe: ProbeSet, sample: ProbeSet) -> Tensor:
+    """Row of each probe sample in a larger sample drawn from the same source, ``(m,)`` int64
+    (``None`` indices: the whole source, in order)."""
+    def ids(p: ProbeSet):
+        return p.indices.tolist() if p.indices is not None else list(range(p.x.shape[0]))
+    where = {i: r for r, i in enumerate(ids(sample))}
+    return torch.tensor([where[i] for i in ids(probe)], dtype=torch.long)
+
+
+class Reservoir:
+    """A bounded uniform sample of the training inputs seen since the last :meth:`take`
+    (reservoir sampling, algorithm R).
+
+    Holds at most ``capacity`` rows, cloned and detached; the user's batch itself is never kept.
+    Draws come from a private generator seeded with ``seed``.
+    """
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity = capacity
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: list = []
+        self.seen = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach()
+        for row in range(x.shape[0]):
+            self.seen += 1
+            if len(self.rows) < self.capacity:
+                self.rows.append(x[row].clone())
+            else:
+                j = int(torch.randint(0, self.seen, (1,), generator=self.gen))
+                if j < self.capacity:
+                    self.rows[j] = x[row].clone()
+
+    def take(self) -> Optional[Tensor]:
+        """The sampled rows ``(≤ capacity, ...)``, emptying the reservoir; ``None`` when empty."""
+        if not self.rows:
+            return None
+        out = torch.stack(self.rows)
+        self.rows, self.seen = [], 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rows": [r.clone() for r in self.rows], "seen": self.seen, "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = [r.clone() for r in state["rows"]]
+        self.seen = state["seen"]
+        self.gen.set_state(state["gen"])
+
+
+def as_reference(data: Any, device: Device) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """Reference training samples as ``(x, y)`` on ``device`` (``y`` ``None`` for inputs only).
+
+    Args:
+        data: ``None``, a tensor of inputs ``(N, ...)`` or a pair ``(x, y)`` with ``y`` ``(N, ...)``
+            or ``None``.
+
+    Raises:
+        TypeError, ValueError: anything else, an empty batch, or mismatched lengths.
+    """
+    if data is None:
+        return None
+    if isinstance(data, Tensor):
+        return data.to(device), None
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = data
+        if not isinstance(x, Tensor) or (y is not None and not isinstance(y, Tensor)):
+            raise TypeError(f"`reference` must hold tensors, got ({type(x).__name__}, {type(y).__name__}).")
+        if y is not None and x.shape[0] != y.shape[0]:
+            raise ValueError(f"`reference` has {x.shape[0]} inputs but {y.shape[0]} targets.")
+        if x.shape[0] == 0:
+            raise ValueError("`reference` is empty.")
+        return x.to(device), None if y is None else y.to(device)
+    raise TypeError(f"`reference` must be a tensor of inputs or a pair (x, y), got {type(data).__name__}.")

@@ -4,7 +4,7 @@ The charts are inline SVG written here (no JavaScript, no network): predicted ag
 test loss with the ±2 SE band, the gap and its dynamics, the per-sample gap histogram, the most
 suspect samples (thumbnails when the inputs are images), the kernel spectrum, the companion
 diagnostics and the forecast. The run is read back with TensorBoard's ``EventAccumulator``, or
-from a saved history (``history.json``: the list ``GramMonitor.history``).
+from a saved history (``history.json``: ``[m.as_dict() for m in GramMonitor.history]``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def load_run(rundir: Path) -> dict:
             return _from_history(json.loads(saved.read_text()))
         raise FileNotFoundError(
             f"No TensorBoard event files (events.out.tfevents.*) and no history.json in {rundir}: pass "
-            "the logdir given to GramMonitor(logdir=...), or save json.dump(monitor.history) there.")
+            "the logdir given to GramMonitor(logdir=...), or save json.dump([m.as_dict() for m in monitor.history], f) there.")
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     run = {"scalars": {}, "histograms": {}, "texts": {}, "images": {}}

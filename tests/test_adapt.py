@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gramhook import GramMonitor, kernel
+from gramhook import GramMonitor, MonitorConfig, kernel
 from gramhook.adapt import Adapted, InputSpec, prepare, select_output
 from gramhook.kernel.plan import make_plan
 
@@ -104,8 +104,7 @@ def test_monitor_on_a_dict_model_recognises_probe_samples():
     data = _batch(n)
     labels = data["input_ids"][:, 0] % 3
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    mon = GramMonitor(net, opt, probe={**data, "labels": labels}, n_train=n, every=2, probe_size=8,
-                      train_sample_size=0, effective_gram_size=4)
+    mon = GramMonitor(net, opt, probe={**data, "labels": labels}, n_train=n, every=2, probe_size=8, config=MonitorConfig(train_sample_size=0, effective_gram_size=4))
     assert isinstance(mon.model, Adapted) and mon.k == 3
     for step in range(4):
         idx = torch.arange(step * 12, step * 12 + 12)
@@ -115,8 +114,8 @@ def test_monitor_on_a_dict_model_recognises_probe_samples():
         opt.step()
     assert len(mon.history) == 3
     assert mon._stepper.recognised > 0 and mon.perstep.injections > 0
-    assert all(math.isfinite(h["predicted_test_loss"]) for h in mon.history)
-    assert mon.history[-1]["probe_gap"] > 0
+    assert all(math.isfinite(h.predicted_test_loss) for h in mon.history)
+    assert mon.history[-1].probe_gap > 0
     mon.close()
 
 
@@ -144,13 +143,12 @@ def test_output_selector_and_inputs_adapter():
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="output="):
         GramMonitor(net, opt, probe={"x": x, "labels": y}, n_train=10, every=1)
-    mon = GramMonitor(net, opt, probe={"x": x, "z": z, "labels": y}, n_train=10, every=1, output="pred")
+    mon = GramMonitor(net, opt, probe={"x": x, "z": z, "labels": y}, n_train=10, every=1, config=MonitorConfig(output="pred"))
     assert mon.k == 2 and len(mon.history) == 1
     # inputs= selects the keys; a callable maps a sample to (model_inputs, target).
-    mon2 = GramMonitor(net, opt, probe={"x": x, "z": z, "labels": y}, n_train=10, output="pred", inputs=("x",))
+    mon2 = GramMonitor(net, opt, probe={"x": x, "z": z, "labels": y}, n_train=10, config=MonitorConfig(output="pred", inputs=("x",)))
     assert mon2.model.spec.width == 3
-    mon3 = GramMonitor(net, opt, probe=(x, y), n_train=10, output=lambda o: o["pred"],
-                       inputs=lambda s: ({"x": s[0]}, s[1]))
+    mon3 = GramMonitor(net, opt, probe=(x, y), n_train=10, config=MonitorConfig(output=lambda o: o["pred"], inputs=lambda s: ({"x": s[0]}, s[1])))
     assert mon3.k == 2
     # A tuple output: its first element by default; a plain tensor probe passes through unpacked.
     tup = _TupleOut()
@@ -178,7 +176,7 @@ def test_dataset_of_dicts_probe_and_packing():
     net = _DictOut()
     probe, model = prepare(net, Items(), output="pred")
     assert isinstance(model, Adapted) and len(probe) == 12
-    mon = GramMonitor(net, torch.optim.SGD(net.parameters(), lr=0.1), probe=Items(), output="pred", every=1)
+    mon = GramMonitor(net, torch.optim.SGD(net.parameters(), lr=0.1), probe=Items(), every=1, config=MonitorConfig(output="pred"))
     assert mon.n_train == 12 and mon.probe.x.shape == (12, 5) and torch.equal(mon.probe.y, torch.arange(12) % 2)
     with pytest.raises(ValueError, match="no target"):
         prepare(net, {"x": torch.randn(3, 3)})
@@ -195,7 +193,7 @@ def test_closure_step_matches_plain_step():
         net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         x, y = torch.randn(32, 4), torch.arange(32) % 3
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        mon = GramMonitor(net, opt, probe=(x, y), n_train=32, every=2, probe_size=8, train_sample_size=0)
+        mon = GramMonitor(net, opt, probe=(x, y), n_train=32, every=2, probe_size=8, config=MonitorConfig(train_sample_size=0))
         for step in range(6):
             idx = torch.arange(step * 5, step * 5 + 8) % 32
 
@@ -209,7 +207,7 @@ def test_closure_step_matches_plain_step():
             else:
                 closure()
                 opt.step()
-        histories.append([h["predicted_test_loss"] for h in mon.history])
+        histories.append([h.predicted_test_loss for h in mon.history])
         assert mon._stepper.recognised > 0
         mon.close()
     assert histories[0] == pytest.approx(histories[1], rel=1e-6)

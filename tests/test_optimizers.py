@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.optim import SUPPORTED_OPTIMIZERS, _diag_precond, check_optimizer, step_rule
 from test_perstep import _engine_gaps, _linear_problem, _loo, _run
 
@@ -142,8 +142,7 @@ def test_canonical_pytorch_mnist_example_constructs_and_runs():
     model = _PytorchExampleNet()
     opt = O.Adadelta(model.parameters(), lr=1.0)
     sched = O.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=2, probe_size=8, train_sample_size=0,
-                      effective_gram_size=0, coordinates=512)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=2, probe_size=8, config=MonitorConfig(train_sample_size=0, effective_gram_size=0, coordinates=512))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)     # no skipped step or measurement
         for t in range(2):
@@ -152,8 +151,8 @@ def test_canonical_pytorch_mnist_example_constructs_and_runs():
             F.nll_loss(model(x[idx]), y[idx]).backward()
             opt.step()
             sched.step()
-    assert [h["step"] for h in mon.history] == [0, 2]
-    assert mon.history[-1]["probe_gap"] > 0
+    assert [h.step for h in mon.history] == [0, 2]
+    assert mon.history[-1].probe_gap > 0
     mon.close()
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gramhook import GramMonitor, kernel
+from gramhook import GramMonitor, MonitorConfig, kernel
 from gramhook.capture import ProbeMatcher, StepCapture
 from gramhook.dynamics.perstep import PerStepEngine, StepRule
 from gramhook.losses import resolve_loss
@@ -236,7 +236,8 @@ def _mlp_run(every, steps=40, monitor=True, state=None, seed=0, **kw):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=96, every=every, probe_size=32, **kw) if monitor else None
+    mon = (GramMonitor(model, opt, probe=(x, y), n_train=96, every=every, probe_size=32, config=MonitorConfig(**kw))
+           if monitor else None)
     bg = torch.Generator().manual_seed(2)
     for _ in range(steps):
         idx = torch.randperm(96, generator=bg)[:16]
@@ -249,25 +250,25 @@ def _mlp_run(every, steps=40, monitor=True, state=None, seed=0, **kw):
 def test_readout_cadence_does_not_change_the_prediction():
     _, a = _mlp_run(every=4)
     _, b = _mlp_run(every=20)
-    common = {h["step"]: h["probe_gap"] for h in b.history}
-    hits = [(h["probe_gap"], common[h["step"]]) for h in a.history if h["step"] in common and h["step"] > 0]
+    common = {h.step: h.probe_gap for h in b.history}
+    hits = [(h.probe_gap, common[h.step]) for h in a.history if h.step in common and h.step > 0]
     assert len(hits) >= 2
     for pa, pb in hits:
         assert pa == pytest.approx(pb, rel=1e-6, abs=1e-9)
-    assert a.history[-1]["probe_gap"] > 0
+    assert a.history[-1].probe_gap > 0
 
 
 def test_diagnostics_every_kth_readout_leave_the_prediction_alone():
     """Readouts in between only read the prediction out; the diagnostics come every k-th one."""
     _, every = _mlp_run(every=4, diagnostics_every=1)
     _, sparse = _mlp_run(every=4, diagnostics_every=3)
-    assert [h["step"] for h in every.history] == [h["step"] for h in sparse.history]
+    assert [h.step for h in every.history] == [h.step for h in sparse.history]
     for a, b in zip(every.history, sparse.history):
-        assert a["predicted_test_loss"] == pytest.approx(b["predicted_test_loss"], rel=1e-9)
-    has = [math.isfinite(h["perturbation"]) for h in sparse.history]
+        assert a.predicted_test_loss == pytest.approx(b.predicted_test_loss, rel=1e-9)
+    has = [math.isfinite(h.perturbation) for h in sparse.history]
     assert has == [i % 3 == 0 for i in range(len(has))]
-    assert all(math.isfinite(h["perturbation"]) for h in every.history)
-    assert sum(math.isfinite(h["contraction"]) for h in sparse.history) == sum(has) - 1
+    assert all(math.isfinite(h.perturbation) for h in every.history)
+    assert sum(math.isfinite(h.contraction) for h in sparse.history) == sum(has) - 1
     with pytest.raises(ValueError, match="diagnostics_every"):
         _mlp_run(every=4, steps=0, diagnostics_every=0)
 
@@ -284,7 +285,7 @@ def test_default_schedule_reads_out_within_the_budget(fake_clock, costly_readout
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=96, probe_size=32, overhead=0.1)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=96, probe_size=32, config=MonitorConfig(overhead=0.1))
     assert mon._stepper is not None, "this test is about the per-step engine's schedule"
     costly_readouts(mon, fake_clock, 0.02)
     step = mon._stepper.step
@@ -368,7 +369,7 @@ def test_batchnorm_training_is_bitwise_unchanged_by_the_monitor():
         watched, mon = run(True)
     for (n, p), (_, q) in zip(plain.state_dict().items(), watched.state_dict().items()):
         assert torch.equal(p, q), n
-    assert all(math.isfinite(h["predicted_test_loss"]) for h in mon.history)
+    assert all(math.isfinite(h.predicted_test_loss) for h in mon.history)
 
 
 def test_train_mode_forward_without_autograd_is_not_a_training_batch():
@@ -415,13 +416,13 @@ def test_state_dict_resume_equals_uninterrupted_run():
             opt.step()
 
     model, opt = build()
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, window=4)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, config=MonitorConfig(window=4))
     bg = torch.Generator().manual_seed(5)
     train(model, opt, 30, bg)
-    ref = mon.measure()["probe_gap"]
+    ref = mon.measure().probe_gap
 
     model, opt = build()
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, window=4)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, config=MonitorConfig(window=4))
     bg = torch.Generator().manual_seed(5)
     train(model, opt, 13, bg)
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(mon.state_dict()),
@@ -430,11 +431,11 @@ def test_state_dict_resume_equals_uninterrupted_run():
     model, opt = build()
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, window=4)
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, config=MonitorConfig(window=4))
     mon.load_state_dict(saved[2])
     bg.set_state(saved[3])
     train(model, opt, 17, bg)
-    assert mon.measure()["probe_gap"] == pytest.approx(ref, rel=1e-5)
+    assert mon.measure().probe_gap == pytest.approx(ref, rel=1e-5)
 
 
 def test_simulated_injection_when_probe_rows_never_appear():
@@ -454,8 +455,8 @@ def test_simulated_injection_when_probe_rows_never_appear():
         F.cross_entropy(model(x[idx] + 1e-3 * torch.randn(16, 5, generator=bg)), y[idx]).backward()
         opt.step()
     rec = mon.measure()
-    assert mon._stepper.mode == "simulated" and rec["injection_simulated"] == 1.0
-    assert rec["probe_gap"] > 0
+    assert mon._stepper.mode == "simulated" and rec.injection_simulated == 1.0
+    assert rec.probe_gap > 0
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -7,14 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.dynamics.engine import EngineConfig, ParameterSpaceEngine, Rates
 from gramhook.capture import ProbeMatcher
 from gramhook.optim import momentum_is_warm, step_dt
 
-# These tests exercise the periodic engine and its reservoir, reference and history settings;
-# the per-step engine has its own tests (tests/test_perstep.py).
-GramMonitor = functools.partial(GramMonitor, engine="periodic")
+# These tests exercise the periodic engine and its reservoir and reference settings; the per-step
+# engine has its own tests (tests/test_perstep.py).
+Config = functools.partial(MonitorConfig, engine="periodic")
+GramMonitor = functools.partial(GramMonitor, config=Config())
 
 
 N, D, K = 80, 5, 3
@@ -40,17 +41,15 @@ def test_reservoir_and_reference_exclude_probe_samples():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Linear(8, K))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16,
-                     reference_size=N, train_sample_size=0) as mon:
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16, config=Config(reference_size=N, train_sample_size=0)) as mon:
         model(x)  # a training forward over every sample
         rows, _ = mon._reference_batch()
         assert rows.shape[0] == N - 16
         assert not (rows.unsqueeze(1) == mon.probe.x.unsqueeze(0)).all(-1).any()
-    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16, reference=(x, y),
-                     train_sample_size=0) as mon:
+    with GramMonitor(model, opt, probe=(x, y), n_train=N, every=1000, probe_size=16, config=Config(reference=(x, y), train_sample_size=0)) as mon:
         assert mon.reference[0].shape[0] == N - 16 and mon.reference[1].shape[0] == N - 16
     with pytest.raises(ValueError, match="only probe samples"):
-        GramMonitor(model, opt, probe=(x[:16], y[:16]), n_train=N, reference=x[:16])
+        GramMonitor(model, opt, probe=(x[:16], y[:16]), n_train=N, config=Config(reference=x[:16]))
 
 
 @pytest.mark.parametrize("dampening, nesterov", [(0.0, False), (0.3, False), (0.0, True)])

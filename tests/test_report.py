@@ -13,7 +13,7 @@ pytest.importorskip("tensorboard")
 
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from gramhook import GramMonitor  # noqa: E402
+from gramhook import GramMonitor, MonitorConfig  # noqa: E402
 from gramhook.cli import main  # noqa: E402
 from gramhook.report import COLORS, load_run  # noqa: E402
 
@@ -35,9 +35,8 @@ def rundir(tmp_path_factory):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     writer = SummaryWriter(str(logdir))
     steps = 24
-    monitor = GramMonitor(model, opt, probe=(x, y), n_train=48, probe_size=48, every=3, diagnostics_every=1,
-                          logdir=writer, compare_tag="test/loss", effective_gram_size=16, total_steps=steps,
-                          train_sample_size=0)
+    monitor = GramMonitor(model, opt, probe=(x, y), n_train=48, probe_size=48, every=3,
+                          logdir=writer, config=MonitorConfig(diagnostics_every=1, compare_tag="test/loss", effective_gram_size=16, total_steps=steps, train_sample_size=0))
     for step in range(1, steps + 1):
         b = torch.randint(0, 48, (16,), generator=g)
         opt.zero_grad()
@@ -61,7 +60,7 @@ def test_monitor_scores_and_suspects(rundir):
     last = monitor.history[-1]
     for key in ("effective_rank", "label_alignment", "residual_alignment", "margin_min", "rho",
                 "normalized_ce", "forecast_final_test_loss", "forecast_best_step"):
-        assert key in last and last[key] == last[key], key  # logged, not NaN
+        assert getattr(last, key) == getattr(last, key), key  # logged, not NaN
 
 
 def test_event_files_hold_the_per_sample_view(rundir):
@@ -75,7 +74,7 @@ def test_event_files_hold_the_per_sample_view(rundir):
 
 
 def test_report_from_saved_history(tmp_path, rundir):
-    (tmp_path / "history.json").write_text(json.dumps(rundir[2].history, allow_nan=True))
+    (tmp_path / "history.json").write_text(json.dumps([h.as_dict() for h in rundir[2].history], allow_nan=True))
     assert main(["report", str(tmp_path)]) == 0
     text = (tmp_path / "gramhook_report.html").read_text()
     assert text.count('class="series"') >= 5

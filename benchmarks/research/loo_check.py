@@ -30,7 +30,6 @@ Per configuration (``--config``, names as in ``benchmarks/accuracy.py``):
      refnonprobe  reference=(non-probe training inputs): reference batches never hold a probe sample
      resvnoprobe  the captured-batch reservoir skips probe rows (still the step-0 fallback)
      discrete     engine integrates the discrete optimizer map (steps = dt / step_dt)
-     extrap       sketch_extrapolation=True (sketch folded to s/2 and s/4, extrapolated to s = ∞)
      momramp      heavy-ball start-up: step j advances the engine's time by lr·(1−μ^j)/(1−μ) instead of
                   lr/(1−μ) (the displacement of step j under a constant gradient, zero initial velocity)
    joined with '+' for combinations, e.g. ``every1+refnonprobe``.
@@ -58,7 +57,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.losses import resolve_loss
 from gramhook.optim import step_dt
 
@@ -77,7 +76,7 @@ def load(cfg: "acc.Config", seed: int):
     return d.x_train, d.y_train, d.x_test, d.y_test, d.feat
 
 
-VARIANT_KEYS = ("every1", "exact", "ref128", "probe128", "refnonprobe", "resvnoprobe", "discrete", "momramp", "extrap")
+VARIANT_KEYS = ("every1", "exact", "ref128", "probe128", "refnonprobe", "resvnoprobe", "discrete", "momramp")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -122,31 +121,30 @@ def run_monitor(cfg, data, args, init_state, variant: str) -> Dict:
     total = cfg.epochs * math.ceil(n / args.batch_size)
     every = 1 if "every1" in flags else (args.every or max(1, round(total / acc.TARGET_MEASUREMENTS)))
     m = min(128 if "probe128" in flags else args.probe_size, n)
-    settings = dict(every=every, probe_size=m, seed=args.seed,
-                    coordinates="exact" if "exact" in flags else args.coordinates)
+    # The reservoir, reference and engine hooks below are the periodic engine's.
+    config = dict(engine="periodic", coordinates="exact" if "exact" in flags else args.coordinates)
     if "ref128" in flags:
-        settings["reference_size"] = 128
-    if "extrap" in flags:
-        settings["sketch_extrapolation"] = True
+        config["reference_size"] = 128
     if "refnonprobe" in flags:
         # The probe draw is deterministic (make_probe with the same seed): compute it to exclude it.
         from gramhook.probe import make_probe
         pidx = make_probe((xtr, ttr), size=m, n_train=n, seed=args.seed)[0].indices
         keep = torch.ones(n, dtype=torch.bool)
         keep[pidx] = False
-        settings["reference"] = xtr[keep]
+        config["reference"] = xtr[keep]
     loss_name = "mse" if cfg.loss == "mse" else "cross_entropy"
     rows: List[Dict] = []
 
     def on_measurement(rec):
-        rows.append(dict(step=rec["step"], time=rec["time"], train_loss=rec["train_loss"],
-                         predicted_gap=rec["predicted_gap"], predicted_gap_se=rec["predicted_gap_se"],
+        rows.append(dict(step=rec.step, time=rec.time, train_loss=rec.train_loss,
+                         predicted_gap=rec.predicted_gap, predicted_gap_se=rec.predicted_gap_se,
                          full_train_loss=acc.evaluate(cfg, model, xtr, ttr),
                          measured_test_loss=acc.evaluate(cfg, model, xte, tte),
                          gaps=monitor.per_sample_gap().tolist()))
 
     wall = time.perf_counter()
-    monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, loss=loss_name, **settings)
+    monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, loss=loss_name, every=every, probe_size=m,
+                          seed=args.seed, config=MonitorConfig(**config))
     probe_x = monitor.probe.x
     hits = torch.zeros(m, dtype=torch.long)        # reference batches that held probe sample j
     res = monitor._reservoir

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.kernel import flat_jacobian
 from gramhook.losses import resolve_loss
 
@@ -56,17 +56,18 @@ def monitored(cfg, data, args, init_state, total: int):
     xtr, ttr, n, model, opt = _start(cfg, data, args, init_state)
     every = args.every or max(1, round(total / acc.TARGET_MEASUREMENTS))
     monitor = GramMonitor(model, opt, probe=(xtr, ttr), n_train=n, every=every, probe_size=args.probe_size,
-                          seed=args.seed, coordinates=args.coordinates,
-                          loss="mse" if cfg.loss == "mse" else "cross_entropy", **args.extra)
+                          seed=args.seed,
+                          loss="mse" if cfg.loss == "mse" else "cross_entropy",
+                          config=MonitorConfig(engine="periodic", coordinates=args.coordinates, **args.extra))
     snaps = {}
 
     def snap():
-        step = monitor.history[-1]["step"]
+        step = monitor.history[-1].step
         snaps[step] = dict(state=_weights(model),
                            delta=monitor.engine.delta[: args.k].detach().double().clone(),
                            u=monitor.engine._own_outputs(monitor.engine._pending)[: args.k].detach().double().clone(),
                            gaps=monitor.per_sample_gap()[: args.k].double().clone(),
-                           time=monitor.history[-1]["time"])
+                           time=monitor.history[-1].time)
 
     seen = len(monitor.history)
     if seen:
@@ -121,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: accuracy.py's 0.9)")
-    p.add_argument("--set", nargs="*", default=[], help="extra GramMonitor keywords, key=value")
+    p.add_argument("--set", nargs="*", default=[], help="extra MonitorConfig settings, key=value")
     args = p.parse_args(argv)
     args.coordinates = args.coordinates if args.coordinates == "exact" else int(args.coordinates)
     args.extra = {kv.split("=")[0]: eval(kv.split("=", 1)[1]) for kv in args.set}  # noqa: S307 (bench flag)

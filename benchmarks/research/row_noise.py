@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from gramhook import GramMonitor, kernel
+from gramhook import GramMonitor, MonitorConfig, kernel
 from gramhook.losses import output_hessian
 from gramhook.optim import whitening
 
@@ -57,8 +57,8 @@ def main(argv=None) -> None:
     results = {}
     for rows in [None if r == "none" else int(r) for r in args.rows]:
         model, opt, sched = fid.fresh(case, x, classes, init)
-        kw = dict(probe=(x, t), n_train=x.shape[0], loss=case.loss_name, every=10**9, seed=case.seed, rows=rows,
-                  directions=args.directions)
+        kw = dict(probe=(x, t), n_train=x.shape[0], loss=case.loss_name, every=10**9, seed=case.seed,
+                  config=MonitorConfig(rows=rows, directions=args.directions))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             a, b = GramMonitor(model, opt, **kw), GramMonitor(model, opt, **kw)

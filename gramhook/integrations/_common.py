@@ -39,9 +39,9 @@ def split_options(stop: bool, patience: int, min_delta: float, metric: str) -> S
     return StopRule(bool(stop), patience, float(min_delta), metric)
 
 
-def metrics_of(record: Dict[str, float], prefix: str = "gramhook/") -> Dict[str, float]:
-    """The finite entries of a history record, keys prefixed (``gramhook/predicted_test_loss``)."""
-    return {prefix + k: float(v) for k, v in record.items()
+def metrics_of(record, prefix: str = "gramhook/") -> Dict[str, float]:
+    """The finite fields of a :class:`gramhook.Measurement`, keys prefixed (``gramhook/predicted_test_loss``)."""
+    return {prefix + k: float(v) for k, v in record.as_dict().items()
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
 
 

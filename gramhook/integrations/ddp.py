@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import GramMonitor
-from ..monitor import MonitorConfig
+from ..config import MonitorConfig
 
 __all__ = ["DistributedGramMonitor"]
 
@@ -72,7 +72,7 @@ class DistributedGramMonitor:
         self._warned = False
         box = [self.monitor.history]         # every rank starts from src's first record
         dist.broadcast_object_list(box, src=self.src, group=self.group)
-        self.monitor.history = [dict(h) for h in box[0]]
+        self.monitor.history = list(box[0])
         self._handle = optimizer.register_step_post_hook(self._on_step)   # after the monitor's own
 
     # -- schedule ------------------------------------------------------------------------------

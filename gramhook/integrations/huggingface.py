@@ -77,8 +77,8 @@ class GramMonitorCallback(TrainerCallback, ExportableState):
         stop: stop training once the prediction has not improved for ``patience`` measurements.
         patience, min_delta, metric: see :meth:`gramhook.GramMonitor.should_stop`.
         prefix: the prefix of the logged metric names.
-        **options: any other :class:`gramhook.GramMonitor` argument (``every``, ``output``,
-            ``inputs``, ``probe_size``, ...).
+        **options: any other :class:`gramhook.GramMonitor` argument (``every``, ``probe_size``,
+            ``config=MonitorConfig(output=..., inputs=...)``, ...).
 
     Attributes:
         monitor: the :class:`gramhook.GramMonitor` (``None`` before training starts).

@@ -44,7 +44,7 @@ class GramMonitorCallback(pl.Callback):
         patience, min_delta, metric: see :meth:`gramhook.GramMonitor.should_stop`.
         prefix: the prefix of the logged metric names.
         **options: any other :class:`gramhook.GramMonitor` argument (``every``, ``loss``,
-            ``logdir``, ``probe_size``, ...).
+            ``logdir``, ``probe_size``, ``config=MonitorConfig(...)``).
 
     Attributes:
         monitor: the :class:`gramhook.GramMonitor` (``None`` before training starts).
@@ -105,7 +105,7 @@ class GramMonitorCallback(pl.Callback):
         for record in history[self._logged:]:
             metrics = metrics_of(record, self.prefix)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=int(record["step"]))
+                logger.log_metrics(metrics, step=record.step)
             for key, value in metrics.items():
                 trainer.callback_metrics[key] = torch.tensor(value)
         self._logged = len(history)
