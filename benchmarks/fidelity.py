@@ -1,7 +1,7 @@
 """Leave-one-out fidelity: GramMonitor's per-sample gaps against brute-force coupled LOO.
 
 Question: at every measurement of a training run, does the engine's gap g_i on probe sample i
-equal what removing z_i from training really does (THEORY §2)? Truth, for sample i:
+equal what removing z_i from training really does (docs/theory.md §2)? Truth, for sample i:
 
     g_i(t) = ℓ(w^(−i)(t); z_i) − ℓ(w(t); z_i)    (eval mode: BatchNorm uses running statistics)
 

@@ -1,4 +1,4 @@
-"""Theory III claims on the monitor's live normalized margins (THEORY §5).
+"""Theory III claims on the monitor's live normalized margins (docs/theory.md §5).
 
 1. Once the training data are separated (minimum normalized margin > 0 on the whole training
    set, here the probe), the minimum normalized margin increases monotonically.

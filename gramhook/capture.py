@@ -1,4 +1,4 @@
-"""What one training step feeds the per-step engine (THEORY §9): rows and injections from the
+"""What one training step feeds the per-step engine (docs/theory.md §9): rows and injections from the
 trained batch, at the weights it was trained at.
 
 Called from the optimizer's step pre-hook, when ``.grad`` holds the batch's mean gradient and the

@@ -1,5 +1,5 @@
 """Per-sample insight from the leave-one-out engine: noisy-label scores, companion diagnostics
-(THEORY §5) at each diagnostics readout, and a forecast of the test loss. No hooks, no I/O.
+(docs/theory.md §5) at each diagnostics readout, and a forecast of the test loss. No hooks, no I/O.
 
 :class:`SampleRecord` keeps, for every probe sample, running sums of its loss and predicted gap
 over the diagnostics readouts: O(m) floats whatever the run's length. A mislabeled sample is one
@@ -170,7 +170,7 @@ def margins_of(outputs: Tensor, targets: Tensor) -> Optional[Tensor]:
 
 def companion(theta: Optional[Tensor], residual: Tensor, outputs: Tensor, targets: Tensor,
               named_parameters, *, alpha: float = 0.1) -> Tuple[Dict[str, float], Optional[Tensor], Optional[Tensor]]:
-    """THEORY §5 on the sub-probe kernel at one readout.
+    """docs/theory.md §5 on the sub-probe kernel at one readout.
 
     Args:
         theta: Θ on the first m_K probe samples ``(m_K, k, m_K, k)`` (``None``: margins only).

@@ -1,4 +1,4 @@
-"""Per-sample losses, their residual r = ∂ℓ/∂f and output Hessian Λ = ∂²ℓ/∂f² (THEORY §1).
+"""Per-sample losses, their residual r = ∂ℓ/∂f and output Hessian Λ = ∂²ℓ/∂f² (docs/theory.md §1).
 
 Residuals and Hessians of a callable loss come from autograd on the loss exactly as the user
 defines it, so any reduction scaling inside it is respected. The built-in losses use their closed

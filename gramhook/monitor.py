@@ -189,7 +189,7 @@ class GramMonitor:
                 "config=MonitorConfig(engine='periodic', reference=(x_train, y_train))."
             )
         # The probe's own rows enter the contraction exactly (weight 1/n each) and the reference batch
-        # stands for the other n − m samples, so the own-sample exclusion is exact (THEORY §3(a)).
+        # stands for the other n − m samples, so the own-sample exclusion is exact (docs/theory.md §3(a)).
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         coords = self.config.coordinates
         if coords == "auto":
@@ -549,7 +549,7 @@ class GramMonitor:
             # n − 1 others; sample i's own row is excluded whatever its weight.
             rates.probe_weight = (self.n_train - 1) / (m - 1)
         guard.check_finite(rates, ("outputs", "residual", "probe_jac", "ref_jac"))  # before the engine: a failed measurement must not leave NaN in its state
-        # The continuous flow: across THEORY §7's checks it tracked leave-one-out better than the
+        # The continuous flow: across docs/theory.md §7's checks it tracked leave-one-out better than the
         # discrete optimizer map whenever the kernel moves (tanh MLP +0.5% against +9%).
         est = self.engine.measure(self._elapsed if self.history else 0.0, rates)
         self._elapsed = 0.0
@@ -777,7 +777,7 @@ class GramMonitor:
     # -- per-sample insight (gramhook.insight) --------------------------------------------------
     def _insight(self, out: Tensor, y: Tensor, r: Tensor, theta: Optional[Tensor]) -> Dict[str, float]:
         """Fold this diagnostics readout into the per-sample record; the companion diagnostics
-        (THEORY §5) and the forecast as history fields."""
+        (docs/theory.md §5) and the forecast as history fields."""
         fields, spectrum, nuisance = insight.companion(theta, r, out, y, self.model.named_parameters())
         self._samples.update(self._last_gaps, self.loss(out, y), insight.margins_of(out, y), nuisance)
         final = best = math.nan

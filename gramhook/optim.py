@@ -1,4 +1,4 @@
-"""Read the time step dt and the preconditioner P from a PyTorch optimizer (THEORY §1).
+"""Read the time step dt and the preconditioner P from a PyTorch optimizer (docs/theory.md §1).
 
 Training is read as the flow ``ẇ = −P ∇L_S(w) − λ w``; every optimizer step advances time by
 ``dt``. The learning rate is read at every call, so schedulers are respected.
@@ -438,7 +438,7 @@ def _whitening(optimizer, by_id, groups, ref, ahead: bool):
             if m is not None:
                 # A perturbation δg also moves v (δv = 2g·δg): to first order, for perturbations
                 # slower than v's average and g's mean read as m̂, Adam's response shrinks by
-                # 1 − m̂²/(√v̂(√v̂ + ε)) (THEORY §9, Adam): coherent coordinates respond less.
+                # 1 − m̂²/(√v̂(√v̂ + ε)) (docs/theory.md §9, Adam): coherent coordinates respond less.
                 mhat = m / (1.0 - float(group["betas"][0]) ** t)
                 live = rms > eps
                 denom = torch.where(live, rms * (rms + eps), torch.ones_like(rms))

@@ -1,4 +1,4 @@
-"""The fixed probe set (THEORY §1): m training samples, drawn once, as validated tensors.
+"""The fixed probe set (docs/theory.md §1): m training samples, drawn once, as validated tensors.
 
 What a user passes as ``probe=`` becomes a :class:`ProbeSet` here:
 

@@ -1,7 +1,7 @@
 """Brute-force leave-one-out (LOO) ground truth on tiny problems (float64, CPU, deterministic).
 
 Tests import this module to get the exact quantity the gramhook engines estimate
-(THEORY.md §2): for a training sample z_i,
+(docs/theory.md §2): for a training sample z_i,
 
     g_i(t) = loss(w^(i)(t); z_i) - loss(w(t); z_i),
 
@@ -71,7 +71,7 @@ def ce_loss(out: Tensor, y: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- problems
 
 def linear_regression_problem(n: int = 60, d: int = 80, noise: float = 0.5, seed: int = 0) -> Problem:
-    """Linear regression as in THEORY §7: w* ~ N(0, 1/d), x ~ 3 N(0, I)/sqrt(d), y = x w* + noise eps.
+    """Linear regression as in docs/theory.md §7: w* ~ N(0, 1/d), x ~ 3 N(0, I)/sqrt(d), y = x w* + noise eps.
 
     Model: nn.Linear(d, 1, bias=False) with weight 0.3 N(0, 1); loss mse_loss. y has shape (n, 1).
     Generator draws follow the reference: w*, train set, fresh (replacement) set, test set, w0.

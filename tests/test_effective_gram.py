@@ -1,4 +1,4 @@
-"""Tests for the effective Gram matrix K_n (THEORY §4): its gap against the scalar ODE and gradient descent."""
+"""Tests for the effective Gram matrix K_n (docs/theory.md §4): its gap against the scalar ODE and gradient descent."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Gap engines against brute-force leave-one-out retraining (float64; THEORY §7).
+"""Gap engines against brute-force leave-one-out retraining (float64; docs/theory.md §7).
 
 Each test prints the measured agreement so the numbers in the README and the closing notes can
 be checked with ``pytest -s``.
@@ -66,7 +66,7 @@ def test_linear_replace_one_matches_brute_force(linear):
 
 
 def test_linear_replace_one_probe_standin(linear):
-    """Replace-one with the other probe samples as stand-in: the estimator THEORY §2 uses by default."""
+    """Replace-one with the other probe samples as stand-in: the estimator docs/theory.md §2 uses by default."""
     problem, checkpoints, _, repl = linear
     run = run_engine(problem, 0.5, 400, checkpoints, engine="function", mode="replace", standin="probe",
                      integrator="discrete")
@@ -100,7 +100,7 @@ def test_tanh_mlp_cross_entropy():
 
     Measured with the continuous flow: +0.5% (the discrete map gives +9.3%).
 
-    Engine (b) misses the kernel velocity J̇δ; its error is printed, not asserted (THEORY §7: −29%).
+    Engine (b) misses the kernel velocity J̇δ; its error is printed, not asserted (docs/theory.md §7: −29%).
     """
     problem = bf.tanh_mlp_problem()
     loo = bf.loo_gaps(problem, 2.0, 300, [300])[300].mean().item()
@@ -113,7 +113,7 @@ def test_tanh_mlp_cross_entropy():
 
 @pytest.fixture(scope="module")
 def sgd_run():
-    """THEORY §7's SGD problem: tanh MLP 2×128, n=256, batch 32, lr 0.5, probe m=48, t=300."""
+    """docs/theory.md §7's SGD problem: tanh MLP 2×128, n=256, batch 32, lr 0.5, probe m=48, t=300."""
     problem = bf.sgd_mlp_problem()
     batches = bf.make_batches(256, 32, 600, problem.generator)
     probe = torch.randperm(256, generator=problem.generator)[:48]
@@ -149,7 +149,7 @@ def test_sgd_sketched_coordinates_match_exact(sgd_run):
 
 @pytest.mark.slow
 def test_sparse_contraction_more_samples_at_the_same_cost(sgd_run):
-    """One measurement per 10 steps drifts above the every-step engine (THEORY §7: contraction from
+    """One measurement per 10 steps drifts above the every-step engine (docs/theory.md §7: contraction from
     one reference batch per interval is too weak). Sampled reference rows (one output direction
     per sample from Λ, :func:`gramhook.measure.sampled_half_hessian`) let 3× the samples in for
     the same Jacobian cost (k = 3), and stacked earlier batches (``reference_history``) smooth

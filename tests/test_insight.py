@@ -1,5 +1,5 @@
 """gramhook.insight: per-sample record and scores, the output-summed nuisance share against the
-full one (THEORY §5), and the forecast on curves with a known end."""
+full one (docs/theory.md §5), and the forecast on curves with a known end."""
 import math
 
 import pytest
@@ -46,7 +46,7 @@ def test_companion_fields():
     params = [("w1", torch.randn(5, 3, generator=g)), ("b1", torch.randn(5)), ("w2", torch.randn(4, 5, generator=g))]
     fields, spectrum, nuisance = insight.companion(theta, out - torch.eye(4)[y], out, y, params)
     assert spectrum.shape == (32,) and nuisance.shape == (8,)
-    # Each field is the THEORY §5 readout of its own input: the residual, the one-hot labels, the weights.
+    # Each field is the docs/theory.md §5 readout of its own input: the residual, the one-hot labels, the weights.
     space = information_space(theta, alpha=0.1)
     assert torch.equal(spectrum, space.eigenvalues)
     assert fields["residual_alignment"] == pytest.approx(alignment(space, out - torch.eye(4)[y]))

@@ -1,4 +1,4 @@
-"""The per-step engine (THEORY §9) against brute-force coupled leave-one-out, and its state.
+"""The per-step engine (docs/theory.md §9) against brute-force coupled leave-one-out, and its state.
 
 Slow truths: every LOO copy here is really retrained, with the same batches and sample i dropped
 from its batches (batch mean over the B − 1 others, as ``F.mse_loss``/``F.cross_entropy`` do).

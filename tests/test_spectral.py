@@ -1,4 +1,4 @@
-"""Tests for information/nuisance spaces and normalized margins (THEORY §5)."""
+"""Tests for information/nuisance spaces and normalized margins (docs/theory.md §5)."""
 
 import math
 
@@ -84,7 +84,7 @@ def test_nuisance_scores_flag_flipped_labels():
 
     Measured (seed 0, float64, 50 steps, α = 0.1): nuisance-score AUC 0.826, per-sample-loss AUC
     0.887. Over data/init seeds 0–11 the nuisance AUC ranged 0.71–0.84 and the loss AUC
-    0.88–0.96: on this problem the plain per-sample loss is the stronger noise score (THEORY §6).
+    0.88–0.96: on this problem the plain per-sample loss is the stronger noise score (docs/theory.md §6).
     The unbounded variant ‖(Π_N r)_i‖²/‖r_i‖² ranked slightly better (AUC 0.78–0.90) but its mean
     over clean samples exceeded that over flipped ones in 7 of 12 seeds (leakage onto well-fit
     samples, values up to 270), which is why the score is the bounded share.

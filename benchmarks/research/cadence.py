@@ -1,8 +1,8 @@
-"""How the gap estimate degrades when contraction is sampled more sparsely (THEORY §3, §8).
+"""How the gap estimate degrades when contraction is sampled more sparsely (docs/theory.md §3, §8).
 
 Prints two markdown tables:
 
-1. Engine (a) on THEORY §7's SGD problem (tanh MLP 2×128, n=256, batch 32, lr 0.5, probe m=48):
+1. Engine (a) on docs/theory.md §7's SGD problem (tanh MLP 2×128, n=256, batch 32, lr 0.5, probe m=48):
    mean gap against coupled brute-force leave-one-out at t=300 (and 600 with ``--long``), for
    measurements every E steps with R reference batches of 32 per interval.
 2. Engine (b) on the linear problem (n=60, d=80, full-batch GD, probe = training set): every

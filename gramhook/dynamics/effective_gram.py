@@ -1,4 +1,4 @@
-"""The effective Gram matrix K_n on a sub-probe (THEORY §4). Pure tensor code.
+"""The effective Gram matrix K_n on a sub-probe (docs/theory.md §4). Pure tensor code.
 
 The perturbation factor is a quadratic form in the residual, ``ε̄(s) = r(s)ᵀ A(s) r(s)``
 (:func:`gap_operator`). In the kernel regime the probe residual follows
@@ -50,7 +50,7 @@ __all__ = [
 
 @dataclasses.dataclass
 class EffectiveGramStats:
-    """One measurement of the effective Gram matrix (THEORY §4).
+    """One measurement of the effective Gram matrix (docs/theory.md §4).
 
     Attributes:
         gap: ``r(0)ᵀ K_n(t) r(0)``, the K-based estimate of ḡ.
@@ -68,7 +68,7 @@ class EffectiveGramStats:
 
 
 def gap_operator(theta: Tensor, n_train: int) -> Tensor:
-    """The quadratic form ``A`` of the perturbation factor, ``rᵀ A r = ε̄`` (THEORY §2, §4).
+    """The quadratic form ``A`` of the perturbation factor, ``rᵀ A r = ε̄`` (docs/theory.md §2, §4).
 
     .. math:: A = \\frac1n\\Big[\\frac1m \\mathrm{blockdiag}(Θ) - \\frac{1}{m(m-1)}(Θ - \\mathrm{blockdiag}(Θ))\\Big]
 
@@ -98,7 +98,7 @@ def gap_operator(theta: Tensor, n_train: int) -> Tensor:
 
 
 def residual_propagator(theta: Tensor, hessian: Tensor, dt: float, state: Optional[Tensor] = None) -> Tensor:
-    """``exp(−(dt/m) Λ Θ)``, the kernel-regime residual propagator over ``dt`` (THEORY §4).
+    """``exp(−(dt/m) Λ Θ)``, the kernel-regime residual propagator over ``dt`` (docs/theory.md §4).
 
     With ``Λ = L Lᵀ`` (L block diagonal) and ``Q diag(e) Qᵀ = (1/m) Lᵀ Θ L`` (symmetric PSD), the
     push-through identity gives

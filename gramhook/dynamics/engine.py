@@ -1,4 +1,4 @@
-"""Per-sample generalization-gap engines (THEORY §2–§3). Pure tensor code.
+"""Per-sample generalization-gap engines (docs/theory.md §2–§3). Pure tensor code.
 
 Both engines follow, for each probe sample i, the first-order perturbation between training
 without z_i (leave-one-out) or with z_i replaced by a stand-in z' (replace-one) and the real
@@ -22,7 +22,7 @@ Contraction operator. Rows ``Z`` stack ``sqrt(w)·Λ_j^{1/2} J_j`` for the refer
 ``w = ref_weight/B`` each, the reference standing for the non-probe share of the data) and for
 every probe sample (weight 1/n each). The probe's own rows are always in ``Z``, so sample i's own
 share ``(1/n) J_iᵀ Λ_i J_i`` can be taken out exactly: the own sample must never contract its own
-perturbation (THEORY §3, "the exclusion is essential").
+perturbation (docs/theory.md §3, "the exclusion is essential").
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class EngineConfig:
         standin: stand-in for z' in replace-one mode.
         reference_history: how many reference batches, the current one and the most recent
             earlier ones, make up the contraction of an interval. More batches give a smoothed,
-            higher-rank estimate of H at no extra Jacobian cost (THEORY §3, "apply the exponential
+            higher-rank estimate of H at no extra Jacobian cost (docs/theory.md §3, "apply the exponential
             of a smoothed estimate of H"); 1 uses the current batch alone.
         history_decay: weight ratio of each earlier batch to the next newer one; the weights are
             normalized to sum to one, so the rows still estimate H.
@@ -219,7 +219,7 @@ class GapEstimate:
     Attributes:
         per_sample: ``g_i`` ``(m,)``.
         mean: ḡ; ``se``: its standard error ``std(g)/sqrt(m)``.
-        perturbation: ε̄ (THEORY §2); contraction: c̄, ``nan`` where ḡ is too small.
+        perturbation: ε̄ (docs/theory.md §2); contraction: c̄, ``nan`` where ḡ is too small.
         time: the flow time of the measurement.
     """
 
@@ -331,7 +331,7 @@ class _Engine:
         raise NotImplementedError
 
     def perturbation(self, rates) -> float:
-        """ε̄ (THEORY §2): the U-statistic of the per-sample gradient covariance, over n."""
+        """ε̄ (docs/theory.md §2): the U-statistic of the per-sample gradient covariance, over n."""
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------
@@ -583,7 +583,7 @@ class ParameterSpaceEngine(_Engine):
         return torch.einsum("ikd,id->ik", rates.probe_jac.to(inj.dtype), inj)
 
     def perturbation(self, rates: Rates) -> float:
-        """ε̄ from these rates' per-sample gradients (THEORY §2)."""
+        """ε̄ from these rates' per-sample gradients (docs/theory.md §2)."""
         standin = rates.standin_grad if self.config.standin is Standin.HOLDOUT else None
         return perturbation_factor(self._grads(rates), rates.metric, self.config.n_train, standin)
 

@@ -1,4 +1,4 @@
-"""Per-step (cadence-free) coupled leave-one-out engine (THEORY §9). Pure tensor code.
+"""Per-step (cadence-free) coupled leave-one-out engine (docs/theory.md §9). Pure tensor code.
 
 For every probe sample i the engine follows ``δ_i = w^(−i) − w``, the first-order difference
 between the run without z_i and the real run, at the resolution of the optimizer's own steps:

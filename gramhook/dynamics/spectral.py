@@ -1,4 +1,4 @@
-"""Companion analyses on the probe kernel (THEORY §5). Pure tensor code.
+"""Companion analyses on the probe kernel (docs/theory.md §5). Pure tensor code.
 
 - Information and nuisance spaces (Oymak et al., arXiv 1906.05392): the eigenspaces of
   ``Θ_PP/m`` above and below a cutoff; label/residual alignment with the information space and a
@@ -57,7 +57,7 @@ class InformationSpace:
 
 
 def information_space(theta: Tensor, *, alpha: float = 0.1, top_r: Optional[int] = None) -> InformationSpace:
-    """Eigendecompose ``Θ_PP/m`` and split off the information space (THEORY §5).
+    """Eigendecompose ``Θ_PP/m`` and split off the information space (docs/theory.md §5).
 
     Args:
         theta: probe NTK ``(m, k, m, k)``.
@@ -155,7 +155,7 @@ def nuisance_scores(space: InformationSpace, residual: Tensor) -> Tensor:
 
 @dataclasses.dataclass
 class MarginStats:
-    """Normalized classification margins on the probe (THEORY §5, Theory III).
+    """Normalized classification margins on the probe (docs/theory.md §5, Theory III).
 
     Attributes:
         rho: ``ρ = Π_l ‖W_l‖_F``.

@@ -1,4 +1,4 @@
-"""Empirical NTK, gradient Grams and per-sample Jacobians (THEORY §1).
+"""Empirical NTK, gradient Grams and per-sample Jacobians (docs/theory.md §1).
 
 One module per job, in the order data flows through a call:
 
@@ -206,7 +206,7 @@ def flat_jacobian(model, x, *, preconditioner=None, power=0.0, names=None, metho
 @torch.enable_grad()
 def sketched_jacobian(model, x, s, *, seed=0, preconditioner=None, method="auto", memory_budget=DEFAULT_MEMORY_BUDGET,
                       cotangents=None):
-    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), shape ``(m, k, s)``.
+    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (docs/theory.md §3(a)), shape ``(m, k, s)``.
 
     ``cotangents`` ``(m, q, k)`` returns ``(m, q, s)``, the combinations ``Σ_a cot[i, c, a] ĵ_i[a]``
     (sketched per-sample vector–Jacobian products), at about ``q/k`` of the cost.

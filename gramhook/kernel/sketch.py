@@ -119,7 +119,7 @@ def sketched_jacobian(
     strict: bool = False,
     cotangents: Optional[Tensor] = None,
 ) -> Tensor:
-    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), fast path.
+    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (docs/theory.md §3(a)), fast path.
 
     ``S`` is a count-sketch per parameter (module docstring); it is never materialized, and the
     same ``seed`` gives the same ``S`` on every call, whatever the chunking or route per layer.

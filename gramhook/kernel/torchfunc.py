@@ -1,6 +1,6 @@
 """Kernels by torch.func (vmap/jacrev): work for any ``nn.Module``; the ground truth in tests.
 
-Conventions (THEORY §1):
+Conventions (docs/theory.md §1):
 
 - ``k`` is the number of outputs per sample: outputs of shape ``(batch, *out)`` are flattened to
   ``(batch, k)`` with ``k = prod(out)``.
@@ -283,7 +283,7 @@ def sketched_jacobian(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     cotangents: Optional[Tensor] = None,
 ) -> Tensor:
-    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (THEORY §3(a)), torch.func path.
+    """Sketched per-sample Jacobians ``ĵ_i = Sᵀ P^{1/2} J_iᵀ`` (docs/theory.md §3(a)), torch.func path.
 
     ``S`` is a Gaussian Johnson–Lindenstrauss matrix, one ``(numel, s)`` block per parameter
     (:func:`gaussian_sketch_matrix`), so ``⟨ĵ_i a, ĵ_j b⟩ ≈ Θ[i, a, j, b]`` with relative error
