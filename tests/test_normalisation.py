@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gramhook import GramMonitor
+from gramhook import GramMonitor, MonitorConfig
 from gramhook.capture import cancelled_biases
 from gramhook.optim import whitening
 
@@ -55,7 +55,8 @@ def _gaps(dtype, steps=12):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mon = GramMonitor(model, opt, probe=(x, y), n_train=96, every=10**9, probe_size=96, coordinates="exact")
+        mon = GramMonitor(model, opt, probe=(x, y), n_train=96, every=10**9, probe_size=96,
+                          config=MonitorConfig(coordinates="exact"))
     for _ in range(steps):
         idx = torch.randperm(96, generator=gen)[:32]
         opt.zero_grad()
