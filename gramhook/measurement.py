@@ -37,6 +37,11 @@ class Measurement:
         injected: probe-sample injections the per-step engine made so far.
         injection_simulated: 1.0 when probe injection is simulated (no probe sample recognised
             in the training batches), 0.0 when matched.
+        linear_growth: how far an uninjected perturbation, contracted by the same steps as the
+            probe's, has grown since its smallest norm (per-step engine). About 1 or less while
+            the first-order leave-one-out dynamics is stable; 10 or more means it is unstable
+            (step size times curvature past the optimizer's stability limit, as at the edge of
+            stability) and the predicted gap is not to be trusted.
         monitor_seconds: cost of this readout; overhead: monitor time over your time so far.
         label_alignment … forecast_best_step: the per-sample insight fields
             (:data:`gramhook.insight.INSIGHT_KEYS`; diagnostics readouts of the per-step engine).
@@ -60,6 +65,7 @@ class Measurement:
     effective_gram_gap: float = _NAN
     injected: float = _NAN
     injection_simulated: float = _NAN
+    linear_growth: float = _NAN
     monitor_seconds: float = _NAN
     overhead: float = _NAN
     label_alignment: float = _NAN

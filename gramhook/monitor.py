@@ -34,6 +34,10 @@ from .probe import (Reservoir, as_reference, check_probe_against_model, check_ta
 # The monitor reads wall time through this name only (tests drive a fake clock through it).
 _clock = time.perf_counter
 
+# Growth of the per-step engine's sentinel (Measurement.linear_growth) that marks the first-order
+# dynamics unstable: a stable contraction never grows it; momentum's transient stays within a few.
+UNSTABLE_GROWTH = 10.0
+
 __all__ = ["GramMonitor"]
 
 
@@ -229,6 +233,7 @@ class GramMonitor:
         self._failures = guard.Failures()
         self._trainable = _trainable_names(model)
         self._told_new = False
+        self._told_unstable = False
         self._last_gaps: Optional[Tensor] = None
         self._samples = insight.SampleRecord(m)  # per-sample sums for the noisy-label scores
         # SGD momentum builds up from an empty buffer: the first steps move less (optim.step_dt).
@@ -501,8 +506,17 @@ class GramMonitor:
         t = self._elapsed_total
         mean = record["probe_gap"]
         self._last_gaps = gaps.detach().cpu()
+        growth = self.perstep.growth()
         record.update(step=self.step, time=t, injected=float(self.perstep.injections),
-                      injection_simulated=float(self._stepper.simulate))
+                      injection_simulated=float(self._stepper.simulate), linear_growth=growth)
+        if growth >= UNSTABLE_GROWTH and not self._told_unstable:
+            self._told_unstable = True
+            guard.emit(
+                f"gramhook: at step {self.step} the first-order leave-one-out dynamics is unstable (an "
+                f"uninjected perturbation grew {growth:.3g}-fold): the step size times the curvature is past "
+                "the optimizer's stability limit, as at the edge of stability, and the predicted test loss "
+                "overstates the gap from here on. The history's `linear_growth` tracks it; a smaller learning "
+                "rate, or a schedule that decays it, brings the dynamics back.", RuntimeWarning)
         full = self._readouts % self.config.diagnostics_every == 0
         self._readouts += 1
         if full:

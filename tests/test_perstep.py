@@ -304,7 +304,7 @@ def test_default_schedule_reads_out_within_the_budget(fake_clock, costly_readout
     mon.close()
     readouts = mon.history[1:]
     assert len(readouts) == pytest.approx(200 / 14, abs=1)
-    gaps = [b["step"] - a["step"] for a, b in zip(readouts, readouts[1:])]
+    gaps = [b.step - a.step for a, b in zip(readouts, readouts[1:])]
     assert all(abs(d - 14) <= 1 for d in gaps), gaps
 
 

@@ -30,6 +30,7 @@ rows (or ``window`` steps) it is folded into ``Y`` and ``V``, exactly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, List, Optional
 
 import torch
@@ -177,11 +178,17 @@ class PerStepEngine:
         if window is not None and window < 1:
             raise ValueError(f"window must be a positive int or None, got {window!r}.")
         self.m, self.dim, self.window = m, dim, window
-        self.base = torch.zeros(m, dim, dtype=dtype, device=device)   # Y (m, D)
-        self.velocity = torch.zeros(m, dim, dtype=dtype, device=device)  # V (m, D)
+        # Row m is the sentinel: a unit perturbation that is contracted like every δ_i but never
+        # injected. It cannot grow while the first-order dynamics is stable (:meth:`growth`).
+        rows = m + 1
+        self.base = torch.zeros(rows, dim, dtype=dtype, device=device)   # Y (m + 1, D)
+        self.velocity = torch.zeros(rows, dim, dtype=dtype, device=device)  # V (m + 1, D)
+        unit = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.base[m] = (unit / unit.norm()).to(dtype)
+        self.smallest = 1.0                                           # the sentinel's smallest norm
         self.sigma = 1.0                                              # δ = σ·Y − β·V + buffer
         self.alpha, self.beta = 1.0, 0.0                              # ν = α·V + buffer
-        self.buffer = _Buffer(m, dim, max(2 * m, 64), dtype, device)  # rows Z_u and coefficients C_u
+        self.buffer = _Buffer(rows, dim, max(2 * m, 64), dtype, device)  # rows Z_u and coefficients C_u
         self.a = torch.zeros(0, dtype=torch.float64)                  # buffer weights (U,)
         self.b = torch.zeros(0, dtype=torch.float64)                  # displacements (U,)
         self.steps = 0
@@ -193,7 +200,8 @@ class PerStepEngine:
         return self.buffer.coef_view(-self.b)
 
     def project(self, vectors: Tensor) -> Tensor:
-        """``⟨δ_i, v_r⟩`` for every probe sample and vector, ``(m, R)``, from ``vectors`` ``(R, D)``."""
+        """``⟨δ_i, v_r⟩`` for every row (the m probe samples and the sentinel) and vector,
+        ``(m + 1, R)``, from ``vectors`` ``(R, D)``."""
         vectors = vectors.to(self.base.dtype)
         out = (self.base @ vectors.T) * self.sigma
         if self.beta != 0.0:
@@ -233,7 +241,7 @@ class PerStepEngine:
             mine = torch.zeros(rows.shape[0], dtype=torch.bool, device=device) if own is None else own >= 0
             scale = None
             if batch is not None and batch > 1 and inj_idx is not None and inj_idx.numel() > 0:
-                scale = torch.ones(self.m, 1, dtype=dtype, device=device)
+                scale = torch.ones(self.m + 1, 1, dtype=dtype, device=device)
                 scale[inj_idx.to(device)] = batch / (batch - 1)
             full = self.project(rows)                                  # (m, R): ⟨δ_i, z_r⟩
             # δg_i = Σ_r coef[i, r] z_r; with saturation the operator is Zᵀ M Z.
@@ -252,7 +260,7 @@ class PerStepEngine:
             new_rows.append(rows)
             new_coef.append(coef)
         if inj_idx is not None and inj_idx.numel() > 0:
-            c = torch.zeros(self.m, inj_idx.numel(), dtype=dtype, device=device)
+            c = torch.zeros(self.m + 1, inj_idx.numel(), dtype=dtype, device=device)
             c[inj_idx.to(device), torch.arange(inj_idx.numel(), device=device)] = 1.0
             new_rows.append(inj.to(dtype))
             new_coef.append(c)
@@ -303,7 +311,7 @@ class PerStepEngine:
         """Fold the buffer into ``Y`` and ``V`` (exact)."""
         if not self.buffer.steps:
             return
-        self.base, self.velocity = self.delta(), self._momentum()
+        self.base, self.velocity = self._state(), self._momentum()
         self.sigma, self.alpha, self.beta = 1.0, 1.0, 0.0
         self.buffer.clear()
         self.a = torch.zeros(0, dtype=torch.float64)
@@ -312,6 +320,29 @@ class PerStepEngine:
     # -- readout --------------------------------------------------------------------------------
     def delta(self) -> Tensor:
         """The current δ_i (whitened coordinates), ``(m, D)``; the state is not changed."""
+        return self._state()[: self.m]
+
+    def growth(self) -> float:
+        """How far the sentinel has grown since its smallest norm: about 1 or less while the
+        first-order leave-one-out dynamics contracts, and without bound when it is unstable (the
+        step size times the curvature beyond the optimizer's stability limit, as at the edge of
+        stability), where first-order gaps stop meaning anything. Renormalises the sentinel when
+        its norm leaves [1e-6, 1e6] (its row alone is scaled, which the other rows never see)."""
+        norm = float(self._state()[self.m].double().norm())
+        if not math.isfinite(norm) or norm == 0.0:
+            return math.inf if not math.isfinite(norm) else 1.0
+        self.smallest = min(self.smallest, norm)
+        out = norm / self.smallest
+        if not 1e-6 <= norm <= 1e6:
+            self.base[self.m] /= norm
+            self.velocity[self.m] /= norm
+            if self.buffer.used:
+                self.buffer.coef[self.m, : self.buffer.used] /= norm
+            self.smallest /= norm
+        return out
+
+    def _state(self) -> Tensor:
+        """δ of every row, the sentinel included, ``(m + 1, D)``."""
         out = self.base * self.sigma
         if self.beta != 0.0:
             out = out - self.velocity * self.beta
@@ -321,12 +352,13 @@ class PerStepEngine:
     def own_outputs(self, jac: Tensor) -> Tensor:
         """``u_i = ĵ_iᵀ y_i`` ``(m, k)`` from the probe's weighted Jacobians ``jac`` ``(m, k, D)``."""
         jac = jac.to(self.base.dtype)
-        out = torch.einsum("ikd,id->ik", jac, self.base) * self.sigma
+        m = self.m
+        out = torch.einsum("ikd,id->ik", jac, self.base[:m]) * self.sigma
         if self.beta != 0.0:
-            out = out - torch.einsum("ikd,id->ik", jac, self.velocity) * self.beta
+            out = out - torch.einsum("ikd,id->ik", jac, self.velocity[:m]) * self.beta
         rows, coef = self.buffer.rows_view(), self._weighted_coef()
         if rows is not None:
-            out = out + torch.einsum("ikr,ir->ik", torch.einsum("ikd,rd->ikr", jac, rows), coef)
+            out = out + torch.einsum("ikr,ir->ik", torch.einsum("ikd,rd->ikr", jac, rows), coef[:m])
         return out
 
     def gaps(self, jac: Tensor, outputs: Tensor, targets: Tensor, loss: LossFn) -> Tensor:
@@ -344,7 +376,8 @@ class PerStepEngine:
         return {"base": self.base.clone(), "velocity": self.velocity.clone(), "sigma": self.sigma,
                 "alpha": self.alpha, "beta": self.beta, "buffer": self.buffer.state_dict(),
                 "a": self.a.clone(), "b": self.b.clone(),
-                "steps": self.steps, "injections": self.injections, "window": self.window}
+                "steps": self.steps, "injections": self.injections, "window": self.window,
+                "smallest": self.smallest}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["base"].shape) != tuple(self.base.shape):
@@ -357,3 +390,4 @@ class PerStepEngine:
         self.buffer.load_state_dict(state["buffer"])
         self.a, self.b = state["a"].clone(), state["b"].clone()
         self.steps, self.injections = int(state["steps"]), int(state["injections"])
+        self.smallest = float(state["smallest"])

@@ -105,18 +105,20 @@ class DistributedGramMonitor:
         ok = 1.0
         try:
             eng.fold()
-            state = torch.stack([eng.base, eng.velocity])                  # (2, m, D)
+            state = torch.stack([eng.base, eng.velocity])                  # (2, m + 1, D)
         except Exception as exc:
-            ok, state = 0.0, torch.zeros(2, eng.m, eng.dim, dtype=eng.base.dtype, device=eng.base.device)
+            ok, state = 0.0, torch.zeros((2,) + tuple(eng.base.shape), dtype=eng.base.dtype, device=eng.base.device)
             self.monitor._report("distributed step", exc)
         flags = torch.tensor([1.0 - ok], device=state.device)
+        sentinel = state[:, eng.m].clone()   # each rank's stability sentinel stays its own
         dist.all_reduce(state, group=self.group)
+        state[:, eng.m] = sentinel
         dist.all_reduce(flags, group=self.group)
         if self.rank == self.src:
             eng.base, eng.velocity = state[0].clone(), state[1].clone()
         else:
-            eng.base.zero_()
-            eng.velocity.zero_()
+            eng.base[: eng.m].zero_()
+            eng.velocity[: eng.m].zero_()
         if float(flags.item()) > 0 and self.rank == self.src and not self._warned:
             self._warned = True
             warnings.warn(f"gramhook: {int(flags.item())} rank(s) failed to contribute at step "
@@ -155,8 +157,8 @@ class DistributedGramMonitor:
         if self.rank != self.src and self.monitor.perstep is not None:
             eng = self.monitor.perstep
             eng.fold()
-            eng.base.zero_()
-            eng.velocity.zero_()
+            eng.base[: eng.m].zero_()
+            eng.velocity[: eng.m].zero_()
 
     def close(self) -> None:
         if self._handle is not None:
