@@ -186,6 +186,7 @@ class PerStepEngine:
         unit = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         self.base[m] = (unit / unit.norm()).to(dtype)
         self.smallest = 1.0                                           # the sentinel's smallest norm
+        self.seeded = False                                           # pointed along the first injections
         self.sigma = 1.0                                              # δ = σ·Y − β·V + buffer
         self.alpha, self.beta = 1.0, 0.0                              # ν = α·V + buffer
         self.buffer = _Buffer(rows, dim, max(2 * m, 64), dtype, device)  # rows Z_u and coefficients C_u
@@ -234,6 +235,8 @@ class PerStepEngine:
                 momentum recursion can leave its stability region (η e > 2(1 + μ)).
         """
         dtype, device = self.base.dtype, self.base.device
+        if not self.seeded and inj is not None and inj.shape[0] > 0:
+            self._seed_sentinel(inj)
         new_rows, new_coef = [], []
         if rows is not None and rows.shape[0] > 0:
             rows = rows.to(dtype)
@@ -322,6 +325,23 @@ class PerStepEngine:
         """The current δ_i (whitened coordinates), ``(m, D)``; the state is not changed."""
         return self._state()[: self.m]
 
+    def _seed_sentinel(self, inj: Tensor) -> None:
+        """Point the sentinel along the first injections (a random-sign sum of them): per-sample
+        gradients overlap the stiff directions where an instability shows first, which a random
+        direction in D dimensions hardly does."""
+        signs = torch.randint(0, 2, (inj.shape[0], 1), generator=torch.Generator().manual_seed(1)) * 2.0 - 1.0
+        vec = (inj.double() * signs.double()).sum(0)
+        norm = float(vec.norm())
+        if not math.isfinite(norm) or norm == 0.0:
+            return
+        m = self.m
+        self.base[m] = (vec / (norm * self.sigma)).to(self.base.dtype) if self.sigma != 0 else self.base[m]
+        self.velocity[m] = 0.0
+        if self.buffer.used:
+            self.buffer.coef[m, : self.buffer.used] = 0.0
+        self.smallest = 1.0
+        self.seeded = True
+
     def growth(self) -> float:
         """How far the sentinel has grown since its smallest norm: about 1 or less while the
         first-order leave-one-out dynamics contracts, and without bound when it is unstable (the
@@ -377,7 +397,7 @@ class PerStepEngine:
                 "alpha": self.alpha, "beta": self.beta, "buffer": self.buffer.state_dict(),
                 "a": self.a.clone(), "b": self.b.clone(),
                 "steps": self.steps, "injections": self.injections, "window": self.window,
-                "smallest": self.smallest}
+                "smallest": self.smallest, "seeded": self.seeded}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["base"].shape) != tuple(self.base.shape):
@@ -390,4 +410,4 @@ class PerStepEngine:
         self.buffer.load_state_dict(state["buffer"])
         self.a, self.b = state["a"].clone(), state["b"].clone()
         self.steps, self.injections = int(state["steps"]), int(state["injections"])
-        self.smallest = float(state["smallest"])
+        self.smallest, self.seeded = float(state["smallest"]), bool(state["seeded"])
