@@ -7,7 +7,6 @@ live direction. Without holding it still, the float32 BatchNorm CNN below predic
 """
 import warnings
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,9 +67,8 @@ def _gaps(dtype, steps=12):
     return gaps
 
 
-@pytest.mark.parametrize("steps", [12])
-def test_float32_bn_adam_matches_its_float64_twin(steps):
-    g32, g64 = _gaps(torch.float32, steps), _gaps(torch.float64, steps)
+def test_float32_bn_adam_matches_its_float64_twin():
+    g32, g64 = _gaps(torch.float32), _gaps(torch.float64)
     assert float(g64.mean()) > 0
     assert 0.8 < float(g32.mean() / g64.mean()) < 1.25
     assert float(torch.corrcoef(torch.stack([g32, g64]))[0, 1]) > 0.9

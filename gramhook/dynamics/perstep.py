@@ -323,7 +323,7 @@ class PerStepEngine:
     # -- readout --------------------------------------------------------------------------------
     def delta(self) -> Tensor:
         """The current δ_i (whitened coordinates), ``(m, D)``; the state is not changed."""
-        return self._state()[: self.m]
+        return self._state(slice(0, self.m))
 
     def _seed_sentinel(self, inj: Tensor) -> None:
         """Point the sentinel along the first injections (a random-sign sum of them): per-sample
@@ -332,10 +332,10 @@ class PerStepEngine:
         signs = torch.randint(0, 2, (inj.shape[0], 1), generator=torch.Generator().manual_seed(1)) * 2.0 - 1.0
         vec = (inj.double() * signs.double()).sum(0)
         norm = float(vec.norm())
-        if not math.isfinite(norm) or norm == 0.0:
+        if not math.isfinite(norm) or norm == 0.0 or self.sigma == 0.0:
             return
         m = self.m
-        self.base[m] = (vec / (norm * self.sigma)).to(self.base.dtype) if self.sigma != 0 else self.base[m]
+        self.base[m] = (vec / (norm * self.sigma)).to(self.base.dtype)
         self.velocity[m] = 0.0
         if self.buffer.used:
             self.buffer.coef[m, : self.buffer.used] = 0.0
@@ -348,7 +348,7 @@ class PerStepEngine:
         step size times the curvature beyond the optimizer's stability limit, as at the edge of
         stability), where first-order gaps stop meaning anything. Renormalises the sentinel when
         its norm leaves [1e-6, 1e6] (its row alone is scaled, which the other rows never see)."""
-        norm = float(self._state()[self.m].double().norm())
+        norm = float(self._state(slice(self.m, self.m + 1)).double().norm())
         if not math.isfinite(norm) or norm == 0.0:
             return math.inf if not math.isfinite(norm) else 1.0
         self.smallest = min(self.smallest, norm)
@@ -361,13 +361,13 @@ class PerStepEngine:
             self.smallest /= norm
         return out
 
-    def _state(self) -> Tensor:
-        """δ of every row, the sentinel included, ``(m + 1, D)``."""
-        out = self.base * self.sigma
+    def _state(self, which: slice = slice(None)) -> Tensor:
+        """δ of the rows ``which`` (default: every row, the sentinel included), ``(rows, D)``."""
+        out = self.base[which] * self.sigma
         if self.beta != 0.0:
-            out = out - self.velocity * self.beta
+            out = out - self.velocity[which] * self.beta
         rows, coef = self.buffer.rows_view(), self._weighted_coef()
-        return out if rows is None else out + coef @ rows
+        return out if rows is None else out + coef[which] @ rows
 
     def own_outputs(self, jac: Tensor) -> Tensor:
         """``u_i = ĵ_iᵀ y_i`` ``(m, k)`` from the probe's weighted Jacobians ``jac`` ``(m, k, D)``."""
