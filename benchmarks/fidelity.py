@@ -360,7 +360,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 def coupled_loo(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
                 make_opt: Callable[[List[Tensor]], torch.optim.Optimizer], x: Tensor, t: Tensor,
                 batches: Sequence[Tensor], drops: Tensor, record: Sequence[int], *,
-                make_sched: Optional[Callable] = None, chunk: int = 128) -> dict:
+                make_sched: Optional[Callable] = None, chunk: int = 128, keep_final: bool = False) -> dict:
     """Brute-force coupled LOO gaps of samples ``drops`` at steps ``record``, all copies at once.
 
     Copy 0 is the unperturbed run; copy c ≥ 1 drops sample ``drops[c-1]`` from every batch that
@@ -381,7 +381,9 @@ def coupled_loo(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
 
     Returns:
         ``{"gaps": {step: (K,) g}, "base": stacked-copy-0 state_dict at the end}`` with
-        ``g[a] = ℓ(w^(−drops[a]); z) − ℓ(w; z)`` for ``z = z_{drops[a]}``, both in eval mode.
+        ``g[a] = ℓ(w^(−drops[a]); z) − ℓ(w; z)`` for ``z = z_{drops[a]}``, both in eval mode;
+        with ``keep_final`` also ``"final"``: the K retrained parameter sets at the end,
+        ``{name: (K, *shape)}``.
     """
     model = copy.deepcopy(model)
     was_training = model.training
@@ -397,6 +399,7 @@ def coupled_loo(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
     own = vmap(grad(objective), in_dims=(0, 0, 0, 0))
     one = vmap(lambda p, b, xi, ti: loss(functional_call(model, {**p, **b}, (xi[None],)), ti[None])[0])
     base_state = None
+    finals: List[Dict[str, Tensor]] = []
     for part in drops.long().split(chunk):
         ids = torch.cat([torch.tensor([-1]), part])
         C = ids.numel()
@@ -448,8 +451,13 @@ def coupled_loo(model: nn.Module, loss: Callable[[Tensor, Tensor], Tensor],
                 sched.step()
         if base_state is None:
             base_state = {**{k: v[0].clone() for k, v in P.items()}, **{k: v[0].clone() for k, v in Bf.items()}}
+        if keep_final:
+            finals.append({k: v[1:].clone() for k, v in P.items()})
     model.train(was_training)
-    return {"gaps": {s: torch.cat(v) for s, v in gaps.items()}, "base": base_state}
+    out = {"gaps": {s: torch.cat(v) for s, v in gaps.items()}, "base": base_state}
+    if keep_final:
+        out["final"] = {k: torch.cat([f[k] for f in finals]) for k in pnames}
+    return out
 
 
 # -- statistics ----------------------------------------------------------------------------------

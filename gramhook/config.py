@@ -30,6 +30,9 @@ REMOVED_OPTIONS = {
     "mode": "replace-one ran only in the periodic engine and the default per-step engine ignored it; "
             "the leave-one-out gap is the quantity gramhook predicts (gramhook.dynamics.engine.Mode "
             "keeps replace-one for research)",
+    "window": "it set how many steps of contraction rows the per-step engine buffered before folding "
+              "them into its state; the engine now updates its state in place at every step, which costs "
+              "about half as much, so there is nothing to buffer",
     "holdout": "it was only the stand-in of mode='replace', which was removed; measure your own held-out "
                "loss and pass its TensorBoard tag as MonitorConfig(compare_tag=...) to draw it beside the "
                "prediction",
@@ -68,8 +71,6 @@ class MonitorConfig:
         rows: contraction rows drawn from each trained batch (``None``: half the batch, rounded
             up). Fewer rows stand for more samples each, which inflates their curvature; on an
             MNIST MLP (batch 64) 32 rows gave 1.02× brute-force leave-one-out and 8 rows 3.0×.
-        window: steps buffered before they are folded into the per-step state (see
-            :class:`gramhook.dynamics.perstep.PerStepEngine`).
         directions: how each contraction row's output direction is drawn, ``"signs"`` (random
             signs over Λ's eigenvectors) or ``"eigen"`` (one eigenvector in proportion to its
             eigenvalue); see :class:`gramhook.capture.StepCapture`.
@@ -117,7 +118,6 @@ class MonitorConfig:
     effective_gram_size: int = 32
     diagnostics_every: int = 4
     rows: Optional[int] = None
-    window: int = 32
     directions: str = "signs"
     method: str = "auto"
     output: Any = None
@@ -149,8 +149,6 @@ class MonitorConfig:
                              f"got {self.diagnostics_every!r}.")
         if self.rows is not None and not _positive_int(self.rows):
             raise ValueError(f"`rows` must be None (half the batch) or a positive int (contraction rows per step), got {self.rows!r}.")
-        if not _positive_int(self.window):
-            raise ValueError(f"`window` must be a positive int, got {self.window!r}.")
         if self.directions not in ("signs", "eigen"):
             raise ValueError(f"`directions` must be 'signs' or 'eigen', got {self.directions!r}.")
         if self.method not in kernel.METHODS:

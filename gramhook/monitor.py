@@ -210,7 +210,7 @@ class GramMonitor:
             self.engine = ParameterSpaceEngine(EngineConfig(n_train=self.n_train, m=m), dim, self.loss, dtype=dtype,
                                                device=self.device)
         else:
-            self.perstep = PerStepEngine(m, dim, window=self.config.window, dtype=dtype, device=self.device)
+            self.perstep = PerStepEngine(m, dim, dtype=dtype, device=self.device)
             self._stepper = StepCapture(model, optimizer, self.loss, self.probe.x, self.probe.y, self.n_train,
                                         self.perstep, sketch=None if coords == "exact" else int(coords),
                                         rows=self.config.rows, seed=self.config.seed, method=self.config.method,
@@ -534,7 +534,7 @@ class GramMonitor:
         if self.effective is not None:
             sub = readout.sub_probe_jacobian(self.model, x[: self._m_k], sketch=sketch, seed=seed, preconditioner=pre,
                                              method=method, names=names)
-            sub = sub.to(self.perstep.base.dtype)  # float32 for 16-bit models (no 16-bit eigensolver)
+            sub = sub.to(self.perstep.dtype)  # float32 for 16-bit models (no 16-bit eigensolver)
             theta = readout.sub_probe_ntk(sub)
             dt = t - getattr(self, "_k_time", t)
             self._k_time = t
@@ -747,8 +747,8 @@ class GramMonitor:
         engine = state.get("perstep") if self.perstep is not None else state.get("engine")
         if (self.perstep is None) != (state.get("perstep") is None):
             problems.append("engine: the state was saved with the other engine")
-        elif self.perstep is not None and tuple(engine["base"].shape) != tuple(self.perstep.base.shape):
-            problems.append(f"per-step state: saved {tuple(engine['base'].shape)}, here {tuple(self.perstep.base.shape)}")
+        elif self.perstep is not None and PerStepEngine.state_shape(engine) != tuple(self.perstep.y.shape):
+            problems.append(f"per-step state: saved {PerStepEngine.state_shape(engine)}, here {tuple(self.perstep.y.shape)}")
         if problems:
             raise ValueError(
                 "Cannot load this monitor state: it was saved for another run (" + "; ".join(problems) + "). "

@@ -32,8 +32,8 @@ def test_removed_options_fail_with_their_reason(name):
 
 
 def test_settings_go_in_the_config():
-    with pytest.raises(TypeError, match=r"pass config=MonitorConfig\(rows=8, window=4\)"):
-        _monitor(rows=8, window=4)
+    with pytest.raises(TypeError, match=r"pass config=MonitorConfig\(rows=8, overhead=0.1\)"):
+        _monitor(rows=8, overhead=0.1)
     with _monitor(every=1, probe_size=16, seed=3, config=MonitorConfig(rows=4, total_steps=10)) as mon:
         assert (mon.config.every, mon.config.probe_size, mon.config.seed) == (1, 16, 3)
         assert mon.config.rows == 4 and mon.total_steps == 10 and mon.probe.m == 16

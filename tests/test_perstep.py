@@ -40,13 +40,13 @@ def _linear_problem(n=40, d=10, batch=8, epochs=12, seed=0):
     return x, y, init, batches
 
 
-def _run(x, y, init, batches, make_opt, loss, *, drop=None, window=None, rows=None):
+def _run(x, y, init, batches, make_opt, loss, *, drop=None, rows=None):
     model = copy.deepcopy(init)
     opt = make_opt(model.parameters())
     cap = None
     if drop is None:
         dim = sum(p.numel() for p in model.parameters())
-        engine = PerStepEngine(x.shape[0], dim, window=window, dtype=F64)
+        engine = PerStepEngine(x.shape[0], dim, dtype=F64)
         cap = StepCapture(model, opt, resolve_loss("mse" if loss is F.mse_loss else "cross_entropy"), x, y,
                           x.shape[0], engine, sketch=None, rows=rows or x.shape[0], seed=0)
         model.register_forward_pre_hook(lambda mod, a: cap.record(a[0]) if mod.training else None)
@@ -80,12 +80,10 @@ def _engine_gaps(model, cap, x, y, name):
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
-@pytest.mark.parametrize("window", [None, 3])
-def test_linear_sgd_equals_brute_force_loo(opt, window):
-    """Linear model, MSE: the recursion is the exact LOO difference, so it matches to round-off,
-    with and without folding the buffer."""
+def test_linear_sgd_equals_brute_force_loo(opt):
+    """Linear model, MSE: the recursion is the exact LOO difference, so it matches to round-off."""
     x, y, init, batches = _linear_problem()
-    full, cap = _run(x, y, init, batches, OPTIMIZERS[opt], F.mse_loss, window=window)
+    full, cap = _run(x, y, init, batches, OPTIMIZERS[opt], F.mse_loss)
     loo = _loo(x, y, init, batches, OPTIMIZERS[opt], F.mse_loss,
                lambda o, t: ((o - t) ** 2).mean(1), full)
     gaps = _engine_gaps(full, cap, x, y, "mse")
@@ -120,7 +118,7 @@ def _mlp_loo_agreement(make):
     """Engine/LOO mean-gap ratio and per-sample correlation on :func:`_mlp_problem` with half-batch
     sampled rows, exact coordinates."""
     x, y, init, batches = _mlp_problem()
-    full, cap = _run(x, y, init, batches, make, F.cross_entropy, window=16, rows=8)
+    full, cap = _run(x, y, init, batches, make, F.cross_entropy, rows=8)
     loo = _loo(x, y, init, batches, make, F.cross_entropy,
                lambda o, t: F.cross_entropy(o, t, reduction="none"), full)
     gaps = _engine_gaps(full, cap, x, y, "cross_entropy")
@@ -161,23 +159,38 @@ def test_adam_whitening_is_its_first_order_response(dtype):
     assert float(pre["bias"][1]) == 0.0 and float(pre["bias"][0]) > 0
 
 
-def test_fold_is_exact():
-    """Folding the buffer into the base changes nothing (random rows, heavy-ball and Adam rules)."""
+def test_step_is_the_optimizer_recursion_on_the_perturbations():
+    """One engine step against the recursion written out densely: δg_i = Σ_r c_ir z_r (own row
+    excluded, B/(B − 1) for injected samples) + injection, then the optimizer's buffer and update
+    (heavy-ball with decay, Nesterov, Adam, NAdam), on random rows."""
     g = torch.Generator().manual_seed(0)
-    m, dim = 5, 12
-    engines = [PerStepEngine(m, dim, window=w, dtype=F64) for w in (None, 1, 4)]
-    for t in range(11):
+    m, dim, B = 5, 12, 4
+    rules = [StepRule("sgd", lr=0.1, momentum=0.9, first=True, shrink=0.99),
+             StepRule("sgd", lr=0.1, momentum=0.9, dampening=0.1, shrink=0.99),
+             StepRule("sgd", lr=0.1, momentum=0.8, nesterov=True),
+             StepRule("adam", lr=0.05, momentum=0.9, bias_correction=1 / (1 - 0.9 ** 4), shrink=0.995),
+             StepRule("nadam", lr=0.05, momentum=0.9, bias_correction=0.7, grad_weight=0.2)]
+    eng = PerStepEngine(m, dim, dtype=F64)
+    delta, nu = torch.zeros(m, dim, dtype=F64), torch.zeros(m, dim, dtype=F64)
+    for t in range(15):
+        rule = rules[t % len(rules)]
         rows = torch.randn(3, dim, generator=g, dtype=F64) * 0.3
         owner = torch.tensor([t % m, -1, -1])
-        idx = torch.tensor([(t + 1) % m])
-        inj = torch.randn(1, dim, generator=g, dtype=F64)
-        rule = (StepRule("sgd", lr=0.1, momentum=0.9, first=t == 0, shrink=0.99) if t < 6 else
-                StepRule("adam", lr=0.05, momentum=0.9, bias_correction=1 / (1 - 0.9 ** (t + 1)), shrink=0.995))
-        for e in engines:
-            e.step(rule, rows, owner, idx, inj, batch=4, saturate=True)
-    ref = engines[0].delta()
-    for e in engines[1:]:
-        torch.testing.assert_close(e.delta(), ref, rtol=1e-10, atol=1e-12)
+        idx = torch.tensor([(t + 1) % m, t % m])
+        inj = torch.randn(2, dim, generator=g, dtype=F64)
+        dg = torch.zeros(m, dim, dtype=F64)
+        for i in range(m):
+            keep = owner != i
+            c = rows[keep] @ delta[i]
+            dg[i] = c @ rows[keep] * (B / (B - 1) if i in idx.tolist() else 1.0)
+        dg[idx] += inj
+        nu = rule.momentum * nu + rule.inflow * dg
+        direction = {"adam": rule.bias_correction * nu, "nadam": rule.bias_correction * nu + rule.grad_weight * dg}.get(
+            rule.kind, dg + rule.momentum * nu if rule.nesterov else nu)
+        delta = rule.shrink * delta - rule.lr * direction
+        eng.step(rule, rows, owner, idx, inj, batch=B)
+        torch.testing.assert_close(eng.delta(), delta, rtol=1e-12, atol=1e-14)
+    assert eng.injections == 30
 
 
 def test_saturation_keeps_first_order_and_caps_kicks():
@@ -416,13 +429,13 @@ def test_state_dict_resume_equals_uninterrupted_run():
             opt.step()
 
     model, opt = build()
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, config=MonitorConfig(window=4))
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16)
     bg = torch.Generator().manual_seed(5)
     train(model, opt, 30, bg)
     ref = mon.measure().probe_gap
 
     model, opt = build()
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, config=MonitorConfig(window=4))
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16)
     bg = torch.Generator().manual_seed(5)
     train(model, opt, 13, bg)
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(mon.state_dict()),
@@ -431,7 +444,7 @@ def test_state_dict_resume_equals_uninterrupted_run():
     model, opt = build()
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
-    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16, config=MonitorConfig(window=4))
+    mon = GramMonitor(model, opt, probe=(x, y), n_train=64, every=10, probe_size=16)
     mon.load_state_dict(saved[2])
     bg.set_state(saved[3])
     train(model, opt, 17, bg)

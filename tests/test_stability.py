@@ -14,7 +14,7 @@ from gramhook.dynamics.perstep import PerStepEngine, StepRule
 def _run(lr_curvature: float, steps: int = 60, momentum: float = 0.9):
     """Heavy-ball steps whose one row has curvature ``lr_curvature / lr`` (no saturation)."""
     lr = 0.1
-    eng = PerStepEngine(3, 4, window=8, dtype=torch.float64)
+    eng = PerStepEngine(3, 4, dtype=torch.float64)
     row = torch.zeros(1, 4, dtype=torch.float64)
     row[0, 0] = math.sqrt(lr_curvature / lr)
     inj = torch.zeros(1, 4, dtype=torch.float64)

@@ -19,19 +19,16 @@ their count-sketch ``Sᵀ P^{-1/2} δ`` (dimension s). Rows and injections come 
 readout is ``u_i = ĵ_iᵀ y_i`` with the same weighting. P is taken at the step (Adam reads its
 current ``v̂``); between steps the coordinates follow it, which treats P as slowly varying.
 
-Cost. Every update is a combination of the rows seen so far, so the engine keeps the state
-lazily: ``δ = σ·Y − β·V + Σ_u (−b_u) C_u Z_u`` and ``ν = α·V + Σ_u a_u C_u Z_u``, with a base
-``Y`` ``(m, D)``, the momentum base ``V`` ``(m, D)``, and a buffer of recent steps' rows ``Z_u``
-``(R_u, D)`` with their per-sample coefficients ``C_u`` ``(m, R_u)``; the scalars say how much of
-each part is still in the momentum buffer (``α``, ``a_u``) and how far it has moved the weights
-(``β``, ``b_u``). A step reads ``Y`` and ``V`` once each (``Y @ Zᵀ``); once the buffer holds ``2m``
-rows (or ``window`` steps) it is folded into ``Y`` and ``V``, exactly.
+Cost. The state is kept as it is, ``δ`` ``(m, D)`` and the optimizer-buffer perturbation ``ν``
+``(m, D)``, updated in place at every step: one ``(m, D) × (D, R)`` product for the projections
+``⟨δ_i, z_r⟩``, one ``(m, R) × (R, D)`` product for ``δg``, and a few elementwise passes, about
+``2·m·D·R`` multiply-adds per step (the injections are row additions).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -77,80 +74,24 @@ class StepRule:
 
     @property
     def inflow(self) -> float:
-        """Weight of this step's δg in the buffer (``a`` of the new entry)."""
+        """Weight of this step's δg in the optimizer buffer."""
         if self.kind in ("adam", "nadam"):
             return 1.0 - self.momentum
         return 1.0 if (self.first or self.momentum == 0) else 1.0 - self.dampening
 
-    def direction(self, a: Tensor, new: Tensor) -> Tensor:
-        """Weight of each entry in this step's update direction, from its buffer weight ``a``
-        (after this step's decay and inflow) and ``new`` (1 for this step's entry)."""
+    def direction(self, nu: Tensor, dg: Optional[Tensor]) -> Optional[Tensor]:
+        """This step's update direction from the buffer ``nu`` (after this step's decay and
+        inflow) and this step's ``dg`` (``None``: zero); ``None`` when it is zero."""
         if self.kind == "adam":
-            return self.bias_correction * a
+            return nu * self.bias_correction
         if self.kind == "nadam":
-            return self.bias_correction * a + self.grad_weight * new
+            out = nu * self.bias_correction
+            return out if dg is None else out.add_(dg, alpha=self.grad_weight)
         if self.momentum == 0:
-            return new
-        return self.momentum * a + new if self.nesterov else a
-
-
-class _Buffer:
-    """Rows of the steps since the last fold ``(U_rows, D)`` and their per-sample coefficients
-    ``(m, U_rows)``, in preallocated storage (no concatenation per step).
-
-    ``full`` once it holds ``capacity`` rows: the per-step cost of reading it (``U_rows·D·R``)
-    then matches the cost of folding it (``m·D`` per row), so the engine folds.
-    """
-
-    def __init__(self, m: int, dim: int, capacity: int, dtype, device):
-        self.capacity = capacity
-        self.rows = torch.empty(capacity, dim, dtype=dtype, device=device)
-        self.coef = torch.empty(m, capacity, dtype=dtype, device=device)
-        self.used = 0
-        self.sizes: List[int] = []      # rows appended per step
-
-    @property
-    def steps(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def full(self) -> bool:
-        return self.used >= self.capacity
-
-    def append(self, rows: Tensor, coef: Tensor) -> None:
-        r = rows.shape[0]
-        if self.used + r > self.rows.shape[0]:
-            grow = self.used + r
-            self.rows = torch.cat([self.rows[: self.used], rows.new_empty(grow - self.used, rows.shape[1])])
-            self.coef = torch.cat([self.coef[:, : self.used], coef.new_empty(coef.shape[0], grow - self.used)], 1)
-        self.rows[self.used:self.used + r] = rows
-        self.coef[:, self.used:self.used + r] = coef
-        self.used += r
-        self.sizes.append(r)
-
-    def rows_view(self) -> Optional[Tensor]:
-        return self.rows[: self.used] if self.used else None
-
-    def coef_view(self, weights: Tensor) -> Optional[Tensor]:
-        """Coefficients with each step's block scaled by its entry of ``weights`` ``(steps,)``."""
-        if not self.used:
-            return None
-        w = torch.repeat_interleave(weights.to(self.coef.device, self.coef.dtype),
-                                    torch.tensor(self.sizes, device=self.coef.device))
-        return self.coef[:, : self.used] * w
-
-    def clear(self) -> None:
-        self.used, self.sizes = 0, []
-
-    def state_dict(self) -> dict:
-        return {"rows": self.rows[: self.used].clone(), "coef": self.coef[:, : self.used].clone(),
-                "sizes": list(self.sizes)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.clear()
-        if state["sizes"]:
-            self.append(state["rows"].to(self.rows.device, self.rows.dtype), state["coef"].to(self.coef.device, self.coef.dtype))
-            self.sizes = list(state["sizes"])
+            return dg
+        if self.nesterov:
+            return nu * self.momentum if dg is None else torch.add(dg, nu, alpha=self.momentum)
+        return nu
 
 
 class PerStepEngine:
@@ -159,9 +100,11 @@ class PerStepEngine:
     Args:
         m: probe samples.
         dim: D, the coordinates (parameters, or the sketch size).
-        window: fold the buffer at least every this many steps (``None``: only when it holds
-            ``2m`` rows). Folding is exact; it only trades memory and per-step reads for GEMMs.
         dtype, device: of the state.
+
+    Attributes:
+        y: ``(m + 1, D)``, the perturbations δ_i (rows ``0..m−1``) and the stability sentinel (row m).
+        nu: ``(m + 1, D)``, their optimizer-buffer perturbations ν_i.
 
     Example:
         >>> eng = PerStepEngine(2, 3)
@@ -172,45 +115,30 @@ class PerStepEngine:
         tensor([ 0.0000, -0.1000,  0.0000])
     """
 
-    def __init__(self, m: int, dim: int, *, window: Optional[int] = 32, dtype=torch.float32, device=None):
+    def __init__(self, m: int, dim: int, *, dtype=torch.float32, device=None):
         if m < 1 or dim < 1:
             raise ValueError(f"PerStepEngine needs m ≥ 1 and dim ≥ 1, got m={m}, dim={dim}.")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be a positive int or None, got {window!r}.")
-        self.m, self.dim, self.window = m, dim, window
+        self.m, self.dim = m, dim
         # Row m is the sentinel: a unit perturbation that is contracted like every δ_i but never
         # injected. It cannot grow while the first-order dynamics is stable (:meth:`growth`).
-        rows = m + 1
-        self.base = torch.zeros(rows, dim, dtype=dtype, device=device)   # Y (m + 1, D)
-        self.velocity = torch.zeros(rows, dim, dtype=dtype, device=device)  # V (m + 1, D)
+        self.y = torch.zeros(m + 1, dim, dtype=dtype, device=device)
+        self.nu = torch.zeros(m + 1, dim, dtype=dtype, device=device)
         unit = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        self.base[m] = (unit / unit.norm()).to(dtype)
+        self.y[m] = (unit / unit.norm()).to(dtype)
         self.smallest = 1.0                                           # the sentinel's smallest norm
         self.seeded = False                                           # pointed along the first injections
-        self.sigma = 1.0                                              # δ = σ·Y − β·V + buffer
-        self.alpha, self.beta = 1.0, 0.0                              # ν = α·V + buffer
-        self.buffer = _Buffer(rows, dim, max(2 * m, 64), dtype, device)  # rows Z_u and coefficients C_u
-        self.a = torch.zeros(0, dtype=torch.float64)                  # buffer weights (U,)
-        self.b = torch.zeros(0, dtype=torch.float64)                  # displacements (U,)
         self.steps = 0
         self.injections = 0
 
-    # -- the step -------------------------------------------------------------------------------
-    def _weighted_coef(self) -> Optional[Tensor]:
-        """``(m, U_rows)``: each buffered row's coefficient in δ now (``−b_u`` times its δg share)."""
-        return self.buffer.coef_view(-self.b)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.y.dtype
 
+    # -- the step -------------------------------------------------------------------------------
     def project(self, vectors: Tensor) -> Tensor:
         """``⟨δ_i, v_r⟩`` for every row (the m probe samples and the sentinel) and vector,
         ``(m + 1, R)``, from ``vectors`` ``(R, D)``."""
-        vectors = vectors.to(self.base.dtype)
-        out = (self.base @ vectors.T) * self.sigma
-        if self.beta != 0.0:
-            out = out - (self.velocity @ vectors.T) * self.beta
-        rows, coef = self.buffer.rows_view(), self._weighted_coef()
-        if rows is not None:
-            out = out + coef @ (rows @ vectors.T)
-        return out
+        return self.y @ vectors.to(self.y.dtype).T
 
     def step(self, rule: StepRule, rows: Optional[Tensor], owner: Optional[Tensor],
              inj_idx: Optional[Tensor] = None, inj: Optional[Tensor] = None, batch: Optional[int] = None,
@@ -234,19 +162,15 @@ class PerStepEngine:
                 curvature of nearly orthogonal per-sample gradients is inflated B/R-fold and the
                 momentum recursion can leave its stability region (η e > 2(1 + μ)).
         """
-        dtype, device = self.base.dtype, self.base.device
+        dtype, device = self.y.dtype, self.y.device
         if not self.seeded and inj is not None and inj.shape[0] > 0:
             self._seed_sentinel(inj)
-        new_rows, new_coef = [], []
+        dg = None
         if rows is not None and rows.shape[0] > 0:
             rows = rows.to(dtype)
             own = None if owner is None else owner.to(device)
             mine = torch.zeros(rows.shape[0], dtype=torch.bool, device=device) if own is None else own >= 0
-            scale = None
-            if batch is not None and batch > 1 and inj_idx is not None and inj_idx.numel() > 0:
-                scale = torch.ones(self.m + 1, 1, dtype=dtype, device=device)
-                scale[inj_idx.to(device)] = batch / (batch - 1)
-            full = self.project(rows)                                  # (m, R): ⟨δ_i, z_r⟩
+            full = self.project(rows)                                  # (m + 1, R): ⟨δ_i, z_r⟩
             # δg_i = Σ_r coef[i, r] z_r; with saturation the operator is Zᵀ M Z.
             owned = torch.nonzero(mine).squeeze(1)
             ops = self._saturation(rows, rule.lr, owned) if saturate else None     # (1 + q, R, R)
@@ -257,38 +181,23 @@ class PerStepEngine:
                 others = full[who].clone()
                 others[r] = 0.0
                 coef[who] = others @ ops[1 + j] if saturate else others
-                coef[who, r] = 0.0
-            if scale is not None:
-                coef = coef * scale
-            new_rows.append(rows)
-            new_coef.append(coef)
+            if batch is not None and batch > 1 and inj_idx is not None and inj_idx.numel() > 0:
+                coef[inj_idx.to(device)] *= batch / (batch - 1)
+            dg = coef @ rows                                           # (m + 1, D)
         if inj_idx is not None and inj_idx.numel() > 0:
-            c = torch.zeros(self.m + 1, inj_idx.numel(), dtype=dtype, device=device)
-            c[inj_idx.to(device), torch.arange(inj_idx.numel(), device=device)] = 1.0
-            new_rows.append(inj.to(dtype))
-            new_coef.append(c)
+            if dg is None:
+                dg = torch.zeros_like(self.y)
+            dg.index_add_(0, inj_idx.to(device), inj.to(dtype))
             self.injections += int(inj_idx.numel())
-        mu = rule.momentum
-        self.a = self.a * mu
-        new = torch.zeros_like(self.a)
-        if new_rows:
-            self.buffer.append(torch.cat(new_rows), torch.cat(new_coef, 1))
-            self.a = torch.cat([self.a, torch.tensor([rule.inflow], dtype=torch.float64)])
-            self.b = torch.cat([self.b, torch.zeros(1, dtype=torch.float64)])
-            new = torch.cat([new, torch.ones(1, dtype=torch.float64)])
-        self.b = rule.shrink * self.b + rule.lr * rule.direction(self.a, new)
-        self.alpha *= mu
-        zero = torch.zeros(1, dtype=torch.float64)
-        self.beta = rule.shrink * self.beta + rule.lr * float(rule.direction(torch.tensor([self.alpha], dtype=torch.float64), zero))
-        self.sigma *= rule.shrink
+        self.nu.mul_(rule.momentum)
+        if dg is not None:
+            self.nu.add_(dg, alpha=rule.inflow)
+        direction = rule.direction(self.nu, dg)
+        if rule.shrink != 1.0:
+            self.y.mul_(rule.shrink)
+        if direction is not None:
+            self.y.add_(direction, alpha=-rule.lr)
         self.steps += 1
-        if self.buffer.full or (self.window is not None and self.buffer.steps >= self.window):
-            self.fold()
-
-    def _momentum(self) -> Tensor:
-        """The current ν_i, ``(m, D)``."""
-        out = self.velocity * self.alpha
-        return out if not self.buffer.steps else out + self.buffer.coef_view(self.a) @ self.buffer.rows_view()
 
     @staticmethod
     def _saturation(z: Tensor, lr: float, without: Optional[Tensor] = None) -> Tensor:
@@ -310,20 +219,10 @@ class PerStepEngine:
         ratio = decay_integral(e.clamp(min=0), lr) / lr if lr > 0 else torch.ones_like(e)
         return ((q * ratio.unsqueeze(1)) @ q.transpose(1, 2)).to(z.dtype)
 
-    def fold(self) -> None:
-        """Fold the buffer into ``Y`` and ``V`` (exact)."""
-        if not self.buffer.steps:
-            return
-        self.base, self.velocity = self._state(), self._momentum()
-        self.sigma, self.alpha, self.beta = 1.0, 1.0, 0.0
-        self.buffer.clear()
-        self.a = torch.zeros(0, dtype=torch.float64)
-        self.b = torch.zeros(0, dtype=torch.float64)
-
     # -- readout --------------------------------------------------------------------------------
     def delta(self) -> Tensor:
-        """The current δ_i (whitened coordinates), ``(m, D)``; the state is not changed."""
-        return self._state(slice(0, self.m))
+        """The current δ_i (whitened coordinates), ``(m, D)``, a copy."""
+        return self.y[: self.m].clone()
 
     def _seed_sentinel(self, inj: Tensor) -> None:
         """Point the sentinel along the first injections (a random-sign sum of them): per-sample
@@ -332,13 +231,11 @@ class PerStepEngine:
         signs = torch.randint(0, 2, (inj.shape[0], 1), generator=torch.Generator().manual_seed(1)) * 2.0 - 1.0
         vec = (inj.double() * signs.double()).sum(0)
         norm = float(vec.norm())
-        if not math.isfinite(norm) or norm == 0.0 or self.sigma == 0.0:
+        if not math.isfinite(norm) or norm == 0.0:
             return
         m = self.m
-        self.base[m] = (vec / (norm * self.sigma)).to(self.base.dtype)
-        self.velocity[m] = 0.0
-        if self.buffer.used:
-            self.buffer.coef[m, : self.buffer.used] = 0.0
+        self.y[m] = (vec / norm).to(self.y.dtype)
+        self.nu[m] = 0.0
         self.smallest = 1.0
         self.seeded = True
 
@@ -348,38 +245,20 @@ class PerStepEngine:
         step size times the curvature beyond the optimizer's stability limit, as at the edge of
         stability), where first-order gaps stop meaning anything. Renormalises the sentinel when
         its norm leaves [1e-6, 1e6] (its row alone is scaled, which the other rows never see)."""
-        norm = float(self._state(slice(self.m, self.m + 1)).double().norm())
+        norm = float(self.y[self.m].double().norm())
         if not math.isfinite(norm) or norm == 0.0:
             return math.inf if not math.isfinite(norm) else 1.0
         self.smallest = min(self.smallest, norm)
         out = norm / self.smallest
         if not 1e-6 <= norm <= 1e6:
-            self.base[self.m] /= norm
-            self.velocity[self.m] /= norm
-            if self.buffer.used:
-                self.buffer.coef[self.m, : self.buffer.used] /= norm
+            self.y[self.m] /= norm
+            self.nu[self.m] /= norm
             self.smallest /= norm
         return out
 
-    def _state(self, which: slice = slice(None)) -> Tensor:
-        """δ of the rows ``which`` (default: every row, the sentinel included), ``(rows, D)``."""
-        out = self.base[which] * self.sigma
-        if self.beta != 0.0:
-            out = out - self.velocity[which] * self.beta
-        rows, coef = self.buffer.rows_view(), self._weighted_coef()
-        return out if rows is None else out + coef[which] @ rows
-
     def own_outputs(self, jac: Tensor) -> Tensor:
         """``u_i = ĵ_iᵀ y_i`` ``(m, k)`` from the probe's weighted Jacobians ``jac`` ``(m, k, D)``."""
-        jac = jac.to(self.base.dtype)
-        m = self.m
-        out = torch.einsum("ikd,id->ik", jac, self.base[:m]) * self.sigma
-        if self.beta != 0.0:
-            out = out - torch.einsum("ikd,id->ik", jac, self.velocity[:m]) * self.beta
-        rows, coef = self.buffer.rows_view(), self._weighted_coef()
-        if rows is not None:
-            out = out + torch.einsum("ikr,ir->ik", torch.einsum("ikd,rd->ikr", jac, rows), coef[:m])
-        return out
+        return torch.einsum("ikd,id->ik", jac.to(self.y.dtype), self.y[: self.m])
 
     def gaps(self, jac: Tensor, outputs: Tensor, targets: Tensor, loss: LossFn) -> Tensor:
         """``g_i = ℓ(f_i + u_i, y_i) − ℓ(f_i, y_i)`` ``(m,)``, the exact loss difference."""
@@ -393,21 +272,24 @@ class PerStepEngine:
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"base": self.base.clone(), "velocity": self.velocity.clone(), "sigma": self.sigma,
-                "alpha": self.alpha, "beta": self.beta, "buffer": self.buffer.state_dict(),
-                "a": self.a.clone(), "b": self.b.clone(),
-                "steps": self.steps, "injections": self.injections, "window": self.window,
-                "smallest": self.smallest, "seeded": self.seeded}
+        return {"delta": self.y.clone(), "momentum": self.nu.clone(), "steps": self.steps,
+                "injections": self.injections, "smallest": self.smallest, "seeded": self.seeded}
+
+    @staticmethod
+    def state_shape(state: dict) -> tuple:
+        """The ``(m + 1, D)`` shape of a saved state."""
+        if "delta" not in state:
+            raise ValueError("this per-step state was saved by an earlier gramhook (a buffered state) and "
+                             "cannot be resumed; start the monitor afresh.")
+        return tuple(state["delta"].shape)
 
     def load_state_dict(self, state: dict) -> None:
-        if tuple(state["base"].shape) != tuple(self.base.shape):
-            raise ValueError(f"engine state of shape {tuple(state['base'].shape)} does not fit this engine "
-                             f"{tuple(self.base.shape)} (another probe size or coordinates).")
-        dev, dt = self.base.device, self.base.dtype
-        self.base = state["base"].to(dev, dt).clone()
-        self.velocity = state["velocity"].to(dev, dt).clone()
-        self.sigma, self.alpha, self.beta = float(state["sigma"]), float(state["alpha"]), float(state["beta"])
-        self.buffer.load_state_dict(state["buffer"])
-        self.a, self.b = state["a"].clone(), state["b"].clone()
+        if self.state_shape(state) != tuple(self.y.shape):
+            raise ValueError(f"engine state of shape {self.state_shape(state)} does not fit this engine "
+                             f"{tuple(self.y.shape)} (another probe size or coordinates).")
+        dev, dt = self.y.device, self.y.dtype
+        self.y = state["delta"].to(dev, dt).clone()
+        self.nu = state["momentum"].to(dev, dt).clone()
         self.steps, self.injections = int(state["steps"]), int(state["injections"])
         self.smallest, self.seeded = float(state["smallest"]), bool(state["seeded"])
+

@@ -6,7 +6,7 @@ the global batch size (``.grad`` is averaged over all ranks). The leave-one-out 
 linear in the perturbations, so the run's δ_i is the sum of the ranks' δ_i. At each measurement
 step, on every rank, in a fixed order:
 
-1. the engines are folded and their states summed onto rank ``src`` (``all_reduce``; the other
+1. the engines' states are summed onto rank ``src`` (``all_reduce``; the other
    ranks restart from zero, so later sums stay exact);
 2. rank ``src`` reads out (a failure there is reported and skipped, as in a single process);
 3. its record, or ``None``, is broadcast and appended to every rank's history.
@@ -104,10 +104,9 @@ class DistributedGramMonitor:
             return
         ok = 1.0
         try:
-            eng.fold()
-            state = torch.stack([eng.base, eng.velocity])                  # (2, m + 1, D)
+            state = torch.stack([eng.y, eng.nu])                           # (2, m + 1, D)
         except Exception as exc:
-            ok, state = 0.0, torch.zeros((2,) + tuple(eng.base.shape), dtype=eng.base.dtype, device=eng.base.device)
+            ok, state = 0.0, torch.zeros((2,) + tuple(eng.y.shape), dtype=eng.y.dtype, device=eng.y.device)
             self.monitor._report("distributed step", exc)
         flags = torch.tensor([1.0 - ok], device=state.device)
         sentinel = state[:, eng.m].clone()   # each rank's stability sentinel stays its own
@@ -115,10 +114,10 @@ class DistributedGramMonitor:
         state[:, eng.m] = sentinel
         dist.all_reduce(flags, group=self.group)
         if self.rank == self.src:
-            eng.base, eng.velocity = state[0].clone(), state[1].clone()
+            eng.y, eng.nu = state[0].clone(), state[1].clone()
         else:
-            eng.base[: eng.m].zero_()
-            eng.velocity[: eng.m].zero_()
+            eng.y[: eng.m].zero_()
+            eng.nu[: eng.m].zero_()
         if float(flags.item()) > 0 and self.rank == self.src and not self._warned:
             self._warned = True
             warnings.warn(f"gramhook: {int(flags.item())} rank(s) failed to contribute at step "
@@ -156,9 +155,8 @@ class DistributedGramMonitor:
         self.monitor.load_state_dict(state)
         if self.rank != self.src and self.monitor.perstep is not None:
             eng = self.monitor.perstep
-            eng.fold()
-            eng.base[: eng.m].zero_()
-            eng.velocity[: eng.m].zero_()
+            eng.y[: eng.m].zero_()
+            eng.nu[: eng.m].zero_()
 
     def close(self) -> None:
         if self._handle is not None:

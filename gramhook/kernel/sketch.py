@@ -25,8 +25,15 @@ from .plan import default_chunk, make_plan, run_chunked
 __all__ = ["sketched_jacobian", "sketch_vectors", "unsketch"]
 
 
+_HASHES: Dict[tuple, Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
 def _hashes(name: str, shape: Tuple[int, ...], s: int, seed: int, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row/column hashes and signs of one parameter viewed as ``(shape[0], prod(shape[1:]))``."""
+    """Row/column hashes and signs of one parameter viewed as ``(shape[0], prod(shape[1:]))``
+    (cached: they are fixed by name, shape, s, seed and device, and every training step sketches)."""
+    key = (name, tuple(shape), s, seed, str(device))
+    if key in _HASHES:
+        return _HASHES[key]
     h = seed
     for ch in name:
         h = (h * 131 + ord(ch)) % (2**61 - 1)
@@ -40,22 +47,25 @@ def _hashes(name: str, shape: Tuple[int, ...], s: int, seed: int, device) -> Tup
     if cols == 1:  # plain count-sketch for vectors
         h_col.zero_()
         s_col.fill_(1)
-    return tuple(t.to(device) for t in (h_row, s_row, h_col, s_col))
+    if len(_HASHES) > 256:
+        _HASHES.clear()
+    _HASHES[key] = tuple(t.to(device) for t in (h_row, s_row, h_col, s_col))
+    return _HASHES[key]
 
 
 def _count_sketch_dense(
-    g: Tensor, hashes, s: int, scale: Optional[Tensor] = None, *, signed: bool = False
+    g: Tensor, flat: Tuple[Tensor, Tensor], s: int, scale: Optional[Tensor] = None, *, signed: bool = False
 ) -> Tensor:
     """Count-sketch of ``(c, q, rows·cols)`` gradients (times ``scale``) with the composite hash → ``(c, q, s)``.
 
-    ``signed``: the signs are already applied (:func:`_signed`).
+    ``flat``: the bucket and sign of every flat coordinate (:func:`_flat_hash`). ``signed``: the
+    signs are already applied (:func:`_signed`).
     """
-    h_row, s_row, h_col, s_col = hashes
-    idx = ((h_row[:, None] + h_col[None, :]) % s).reshape(-1)
+    idx, sign = flat
     out = g.new_zeros(g.shape[0], g.shape[1], s)
     if signed:
         return out.index_add_(2, idx, g)
-    sign = (s_row[:, None] * s_col[None, :]).reshape(-1).to(g.dtype)
+    sign = sign.to(g.dtype)
     if scale is not None:
         sign = sign * scale
     return out.index_add_(2, idx, g * sign)
@@ -139,6 +149,7 @@ def sketched_jacobian(
         p0 = next(iter(model.parameters()))
         device = p0.device
         hashes = {n: _hashes(n, shp, s, seed, device) for n, shp in plan.shapes.items()}
+        flats = {n: _flat_hash(n, shp, s, seed, device) for n, shp in plan.shapes.items()}
         routes = {}
         for lp in plan.layers:
             for _, full in lp.params:
@@ -169,16 +180,16 @@ def sketched_jacobian(
                         if routes[name] == "fft" and isinstance(c, Outer):
                             add(_tensor_sketch(c, hashes[name], s, spectrum=True), 1)
                         elif isinstance(c, Outer) and not c.is_index and not c.a_is_row and sp is None:
-                            add(_count_sketch_dense(_signed(c, hashes[name]).dense().flatten(2), hashes[name], s,
+                            add(_count_sketch_dense(_signed(c, hashes[name]).dense().flatten(2), flats[name], s,
                                                     signed=True))
                         else:
                             g = c.dense().flatten(2)
-                            add(_count_sketch_dense(g, hashes[name], s, sp))
+                            add(_count_sketch_dense(g, flats[name], s, sp))
             if plan.fallback:
                 jac = fallback_jacobians(model, xs, plan.fallback, memory_budget, cot)  # (c, k or q, D)
                 with no_autocast(device):
                     for name, j in jac.items():
-                        add(_count_sketch_dense(j, hashes[name], s, sqrt_preconditioner(preconditioner, name, j)))
+                        add(_count_sketch_dense(j, flats[name], s, sqrt_preconditioner(preconditioner, name, j)))
             if acc[1] is not None:  # one inverse FFT for every factored layer
                 add(torch.fft.irfft(acc[1], n=s, dim=-1))
             return acc[0]
@@ -198,7 +209,7 @@ def sketch_vectors(tensors: Mapping[str, Tensor], s: int, *, seed: int = 0,
     for name, t in tensors.items():
         t = t.to_dense() if t.is_sparse else t  # sparse gradients (Embedding(sparse=True))
         g = t.detach().reshape(1, 1, -1).to(acc_dtype(t.dtype))
-        part = _count_sketch_dense(g, _hashes(name, tuple(t.shape), s, seed, t.device), s,
+        part = _count_sketch_dense(g, _flat_hash(name, tuple(t.shape), s, seed, t.device), s,
                                    sqrt_preconditioner(preconditioner, name, g))[0, 0]
         out = part if out is None else out.add_(part)
     return out
