@@ -73,7 +73,7 @@ def _scenario(rank, out, fault):
     opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.5)
     mon = DistributedGramMonitor(ddp, opt, probe=data, **{**OPTS, **({"every": None} if fault == "timed" else {})})
     if fault == "step" and rank == 1:       # this rank's state cannot be read at step 4
-        mon.monitor.perstep.fold = _failing_at(mon.monitor, 4, mon.monitor.perstep.fold)
+        mon.monitor.perstep.stacked = _failing_at(mon.monitor, 4, mon.monitor.perstep.stacked)
     if fault == "readout" and rank == 0:    # the readout on src fails at step 4
         mon.monitor._measure = _failing_at(mon.monitor, 4, mon.monitor._measure)
     stopped = None

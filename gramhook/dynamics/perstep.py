@@ -134,6 +134,10 @@ class PerStepEngine:
     def dtype(self) -> torch.dtype:
         return self.y.dtype
 
+    def stacked(self) -> Tensor:
+        """``(2, m + 1, D)``: δ and ν in one tensor (what data-parallel ranks sum)."""
+        return torch.stack([self.y, self.nu])
+
     # -- the step -------------------------------------------------------------------------------
     def project(self, vectors: Tensor) -> Tensor:
         """``⟨δ_i, v_r⟩`` for every row (the m probe samples and the sentinel) and vector,

@@ -104,7 +104,7 @@ class DistributedGramMonitor:
             return
         ok = 1.0
         try:
-            state = torch.stack([eng.y, eng.nu])                           # (2, m + 1, D)
+            state = eng.stacked()                                          # (2, m + 1, D)
         except Exception as exc:
             ok, state = 0.0, torch.zeros((2,) + tuple(eng.y.shape), dtype=eng.y.dtype, device=eng.y.device)
             self.monitor._report("distributed step", exc)
