@@ -320,7 +320,7 @@ def test_load_state_dict_refuses_a_foreign_state(change, match):
     assert match in str(err.value) and "same model, probe data" in str(err.value)
     after = mon.state_dict()
     assert after["step"] == before["step"] and after["history"] == before["history"]
-    assert torch.equal(after["perstep"]["base"], before["perstep"]["base"])
+    assert torch.equal(after["perstep"]["delta"], before["perstep"]["delta"])
     _train(model, opt, x, y, 2)  # and it goes on measuring
     assert len(mon.history) == len(before["history"]) + 1
 
