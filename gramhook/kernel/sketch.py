@@ -25,15 +25,26 @@ from .plan import default_chunk, make_plan, run_chunked
 __all__ = ["sketched_jacobian", "sketch_vectors", "unsketch"]
 
 
-_HASHES: Dict[tuple, Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+# Hashes are fixed by (kind, name, shape, s, seed, device); every training step sketches, and a
+# readout unsketches every parameter, so both forms are kept.
+_HASH_CACHE: Dict[tuple, tuple] = {}
+
+
+def _cached(kind: str, name: str, shape: Tuple[int, ...], s: int, seed: int, device, make):
+    key = (kind, name, tuple(shape), s, seed, str(device))
+    if key not in _HASH_CACHE:
+        if len(_HASH_CACHE) > 512:
+            _HASH_CACHE.clear()
+        _HASH_CACHE[key] = make()
+    return _HASH_CACHE[key]
 
 
 def _hashes(name: str, shape: Tuple[int, ...], s: int, seed: int, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row/column hashes and signs of one parameter viewed as ``(shape[0], prod(shape[1:]))``
-    (cached: they are fixed by name, shape, s, seed and device, and every training step sketches)."""
-    key = (name, tuple(shape), s, seed, str(device))
-    if key in _HASHES:
-        return _HASHES[key]
+    """Row/column hashes and signs of one parameter viewed as ``(shape[0], prod(shape[1:]))`` (cached)."""
+    return _cached("factors", name, shape, s, seed, device, lambda: _draw_hashes(name, shape, s, seed, device))
+
+
+def _draw_hashes(name: str, shape: Tuple[int, ...], s: int, seed: int, device) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     h = seed
     for ch in name:
         h = (h * 131 + ord(ch)) % (2**61 - 1)
@@ -47,10 +58,7 @@ def _hashes(name: str, shape: Tuple[int, ...], s: int, seed: int, device) -> Tup
     if cols == 1:  # plain count-sketch for vectors
         h_col.zero_()
         s_col.fill_(1)
-    if len(_HASHES) > 256:
-        _HASHES.clear()
-    _HASHES[key] = tuple(t.to(device) for t in (h_row, s_row, h_col, s_col))
-    return _HASHES[key]
+    return tuple(t.to(device) for t in (h_row, s_row, h_col, s_col))
 
 
 def _count_sketch_dense(
@@ -225,18 +233,10 @@ def unsketch(y: Tensor, shapes: Mapping[str, Tuple[int, ...]], s: int, *, seed: 
     return out
 
 
-_FLAT_HASHES: Dict[tuple, Tuple[Tensor, Tensor]] = {}
-
-
 def _flat_hash(name: str, shape: Tuple[int, ...], s: int, seed: int, device) -> Tuple[Tensor, Tensor]:
-    """Bucket and sign of every flat coordinate of one parameter under :func:`_hashes` (cached:
-    a readout unsketches every parameter, and the hashes are fixed by name, shape, s and seed)."""
-    key = (name, shape, s, seed, str(device))
-    if key not in _FLAT_HASHES:
-        if len(_FLAT_HASHES) > 256:
-            _FLAT_HASHES.clear()
+    """Bucket and sign of every flat coordinate of one parameter under :func:`_hashes` (cached)."""
+    def make():
         h_row, s_row, h_col, s_col = _hashes(name, shape, s, seed, device)
         idx = ((h_row[:, None] + h_col[None, :]) % s).reshape(-1)
-        sign = (s_row[:, None] * s_col[None, :]).reshape(-1).to(torch.int8)
-        _FLAT_HASHES[key] = (idx, sign)
-    return _FLAT_HASHES[key]
+        return idx, (s_row[:, None] * s_col[None, :]).reshape(-1).to(torch.int8)
+    return _cached("flat", name, shape, s, seed, device, make)
