@@ -96,6 +96,37 @@ def main(argv=None) -> None:
           f"| {statistics.median((e.norm(dim=1) / tru.norm(dim=1)).tolist()):.2f} "
           f"| {statistics.median(torch.nn.functional.cosine_similarity(e, tru, dim=1).tolist()):.2f} | | |")
 
+    # The readouts: the engine's linear readout (eval mode, the run's running statistics) applied to
+    # the true δ and to the engine's, and the true δ applied without linearizing (the run's
+    # running statistics kept): how much of the gap the readout itself explains.
+    from torch.func import functional_call, jvp
+    params = {n: final[n].detach().double() for n in names}
+    buffers = {n: b.double() for n, b in model.named_buffers()}
+    loss = fid.per_sample_loss(case)
+    xs, ts = x[drops].double(), t[drops]
+    model.double().eval()
+
+    def out(ps, xi):
+        return functional_call(model, ({**ps}, buffers), (xi.unsqueeze(0),))[0]
+
+    def split(d):
+        return dict(zip(names, (v.reshape(final[n].shape) for n, v in zip(names, d.split(sizes)))))
+
+    def linear(deltas):
+        g = []
+        for i in range(args.k):
+            f0, u = jvp(lambda ps: out(ps, xs[i]), (params,), (split(deltas[i]),))
+            g.append(float(loss((f0 + u).unsqueeze(0), ts[i:i + 1]) - loss(f0.unsqueeze(0), ts[i:i + 1])))
+        return torch.tensor(g)
+
+    with torch.no_grad():
+        moved = torch.tensor([float(loss(out({n: params[n] + split(tru[i])[n] for n in names}, xs[i]).unsqueeze(0),
+                                         ts[i:i + 1]) - loss(out(params, xs[i]).unsqueeze(0), ts[i:i + 1]))
+                              for i in range(args.k)])
+    print(f"gaps (mean over K): LOO {float(loo['gaps'][len(batches)].mean()):.4f}; true δ read out linearly "
+          f"{float(linear(tru).mean()):.4f}; true δ, nonlinear, the run's running statistics {float(moved.mean()):.4f}; "
+          f"engine δ read out linearly {float(linear(e).mean()):.4f}")
+
 
 if __name__ == "__main__":
     main()
