@@ -37,7 +37,8 @@ Per configuration:
 ``--variant LABEL:KEY=VALUE,...`` also runs the default engine with other monitor settings
 against the same brute-force LOO (e.g. ``--variant r24:rows=24``), ``--no-periodic`` skips the
 periodic engine, and ``--loo-cache DIR`` keeps each case's LOO on disk (it depends on the case
-only), so a sweep of settings retrains nothing.
+only), so a sweep of settings retrains nothing. ``--model gncnn`` runs the selected cases with
+another model (``--cases bncnn --model gncnn``: the BatchNorm CNNs with GroupNorm).
 
 When ``GramMonitor`` accepts ``engine=``, the run is repeated with ``engine="periodic"``
 (column ``engine``; the default engine's name is read from ``monitor.config.engine``). Where the
@@ -664,6 +665,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
                    help="also run the default engine with these GramMonitor settings (repeatable)")
     p.add_argument("--no-periodic", action="store_true", help="do not run the periodic engine")
+    p.add_argument("--model", default=None, help="run the selected cases with this model instead (e.g. gncnn); "
+                   "the case names say so")
     p.add_argument("--loo-cache", type=Path, default=None,
                    help="folder caching each case's brute-force LOO (it depends on the case only)")
     args = p.parse_args(argv)
@@ -681,6 +684,8 @@ def main(argv=None) -> int:
         cases = [c for c in CASES if any(sel == c.name or sel in c.name for sel in args.cases)]
         if not cases:
             raise SystemExit(f"no case matches {args.cases}; known: {[c.name for c in CASES]}")
+    if args.model:
+        cases = [dataclasses.replace(c, model=args.model, name=c.name.replace(c.model, args.model)) for c in cases]
     engines: List[Optional[str]] = [None]
     if not args.no_periodic and engine_supported("periodic"):
         engines.append("periodic")
