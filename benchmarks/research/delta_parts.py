@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     model.double().eval()
 
     def out(ps, xi):
-        return functional_call(model, ({**ps}, buffers), (xi.unsqueeze(0),))[0]
+        return functional_call(model, (ps, buffers), (xi.unsqueeze(0),))[0]
 
     def split(d):
         return dict(zip(names, (v.reshape(final[n].shape) for n, v in zip(names, d.split(sizes)))))
@@ -120,9 +120,12 @@ def main(argv=None) -> None:
         return torch.tensor(g)
 
     with torch.no_grad():
-        moved = torch.tensor([float(loss(out({n: params[n] + split(tru[i])[n] for n in names}, xs[i]).unsqueeze(0),
-                                         ts[i:i + 1]) - loss(out(params, xs[i]).unsqueeze(0), ts[i:i + 1]))
-                              for i in range(args.k)])
+        moved = []
+        for i in range(args.k):
+            shifted = {n: params[n] + d for n, d in split(tru[i]).items()}
+            moved.append(float(loss(out(shifted, xs[i]).unsqueeze(0), ts[i:i + 1])
+                               - loss(out(params, xs[i]).unsqueeze(0), ts[i:i + 1])))
+        moved = torch.tensor(moved)
     print(f"gaps (mean over K): LOO {float(loo['gaps'][len(batches)].mean()):.4f}; true δ read out linearly "
           f"{float(linear(tru).mean()):.4f}; true δ, nonlinear, the run's running statistics {float(moved.mean()):.4f}; "
           f"engine δ read out linearly {float(linear(e).mean()):.4f}")
